@@ -1,0 +1,372 @@
+//! PersistActor: commits each order together with its outbox row.
+//!
+//! - **Wakes on**: [`PersistOrder`] from the `POST /orders` handler, which
+//!   answers 201 only once this stage replied that the commit succeeded.
+//! - **Reads/writes**: `orders` and `outbox` (and one NOTIFY) in ONE
+//!   transaction: either both rows exist or neither does. Orders that arrive
+//!   while transactions are in flight are queued and committed together
+//!   (group commit): one transaction, one fsync and one NOTIFY for up to
+//!   `PERSIST_MAX_BATCH` orders, with up to `PERSIST_MAX_TRANSACTIONS` in flight
+//!   on pooled connections. A lone order is committed at once, alone.
+//!   Idempotency-Keys are settled inside the same transaction by the unique
+//!   constraint on `orders.idempotency_key`.
+//! - **On failure**: a batch that fails for a reason other than the database
+//!   being unreachable is retried order by order, so that one bad order does
+//!   not fail the others; each caller gets its own answer. Nothing here is
+//!   the source of truth: a queued order was not answered yet, and a crash
+//!   loses only unanswered requests.
+//! - **Stops**: with the actor system, after the HTTP server drained (every
+//!   in-flight request has had its answer by then).
+//!
+//! After a commit it wakes the watcher in-process: the publisher learns of the
+//! order without waiting for the NOTIFY round trip.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use diesel::result::Error as DieselError;
+use diesel_async::AsyncConnection as _;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::Wake;
+use crate::broker::message::{ORDER_CREATED, order_created_body};
+use crate::domain::order::now_micros;
+use crate::domain::{NewOrder, Order, OrderStatus};
+use crate::metrics::Metrics;
+use crate::settings::Tuning;
+use crate::status::StatusBoard;
+use crate::storage::orders::{self, NewOrderRow};
+use crate::storage::outbox::{self, NewOutboxRow};
+use crate::storage::{self, PgPool};
+
+/// Orders waiting for a transaction beyond this many are refused with 503
+/// instead of queueing without bound.
+pub const MAX_QUEUED: usize = 10_000;
+/// One transaction's own deadline: a database that stopped answering fails
+/// the batch rather than holding its callers (the HTTP deadline is 5 s).
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often expired Idempotency-Keys are forgotten, and how many per statement.
+const KEY_EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
+const KEY_EXPIRY_BATCH: i64 = 1000;
+
+pub type Reply = oneshot::Sender<Result<Persisted, PersistError>>;
+
+/// Store this order. The answer goes to `reply`; a caller that stopped waiting
+/// (dropped its receiver) before its transaction started gets no order stored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PersistOrder {
+    pub order: NewOrder,
+    pub idempotency_key: Option<String>,
+    pub correlation_id: String,
+    pub reply: Reply,
+}
+
+#[derive(Debug)]
+pub enum Persisted {
+    /// Committed now, with its outbox row.
+    Created(Order),
+    /// The Idempotency-Key was used before with the same body: that order.
+    Existing(Order),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("this Idempotency-Key was already used with a different request body")]
+    KeyReused,
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the order could not be stored (nothing was written): {0}")]
+    Failed(String),
+}
+
+/// An order on its way into a transaction.
+struct Pending {
+    order: Order,
+    event_id: Uuid,
+    idempotency_key: Option<String>,
+    reply: Reply,
+}
+
+pub struct PersistActor {
+    pool: PgPool,
+    watcher: Recipient<Wake>,
+    status: Arc<StatusBoard>,
+    metrics: Arc<Metrics>,
+    max_batch: usize,
+    max_transactions: usize,
+    key_ttl: Duration,
+    queue: VecDeque<Pending>,
+    in_flight: usize,
+}
+
+impl PersistActor {
+    pub fn new(
+        pool: PgPool,
+        watcher: Recipient<Wake>,
+        status: Arc<StatusBoard>,
+        metrics: Arc<Metrics>,
+        tuning: &Tuning,
+    ) -> Self {
+        Self {
+            pool,
+            watcher,
+            status,
+            metrics,
+            max_batch: tuning.persist_max_batch,
+            max_transactions: tuning.persist_max_transactions,
+            key_ttl: tuning.idempotency_key_ttl,
+            queue: VecDeque::new(),
+            in_flight: 0,
+        }
+    }
+
+    /// Starts transactions while there is queued work and room for them.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        while self.in_flight < self.max_transactions {
+            // Callers that gave up (their deadline passed) are not stored.
+            self.queue.retain(|p| !p.reply.is_closed());
+            if self.queue.is_empty() {
+                return;
+            }
+            let n = self.queue.len().min(self.max_batch);
+            let batch: Vec<Pending> = self.queue.drain(..n).collect();
+            self.in_flight += 1;
+            let pool = self.pool.clone();
+            let metrics = self.metrics.clone();
+            ctx.spawn(commit(pool, metrics, batch).into_actor(self).map(|created, act, ctx| {
+                act.in_flight -= 1;
+                if created {
+                    act.watcher.do_send(Wake);
+                }
+                act.flush(ctx);
+            }));
+        }
+    }
+}
+
+impl Actor for PersistActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(KEY_EXPIRY_INTERVAL, |act, ctx| {
+            let pool = act.pool.clone();
+            let ttl = chrono::Duration::from_std(act.key_ttl).unwrap_or(chrono::Duration::MAX);
+            ctx.spawn(expire_keys(pool, ttl).into_actor(act));
+        });
+    }
+}
+
+impl Handler<PersistOrder> for PersistActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PersistOrder, ctx: &mut Context<Self>) {
+        if !self.status.migrated() {
+            let _ = msg.reply.send(Err(PersistError::Unavailable(
+                "the database is not ready yet (migrations have not run)".into(),
+            )));
+            return;
+        }
+        if self.queue.len() >= MAX_QUEUED {
+            let _ = msg.reply.send(Err(PersistError::Unavailable(
+                "too many orders are waiting to be stored".into(),
+            )));
+            return;
+        }
+        let NewOrder {
+            customer_id,
+            currency,
+            items,
+            total_cents,
+        } = msg.order;
+        self.queue.push_back(Pending {
+            order: Order {
+                id: Uuid::new_v4(),
+                status: OrderStatus::Accepted,
+                correlation_id: msg.correlation_id,
+                customer_id,
+                currency,
+                total_cents,
+                items,
+                created_at: now_micros(),
+            },
+            event_id: Uuid::new_v4(),
+            idempotency_key: msg.idempotency_key,
+            reply: msg.reply,
+        });
+        self.flush(ctx);
+    }
+}
+
+/// Commits a batch and answers every caller; true if any order was created.
+async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> bool {
+    let outcomes = match transaction(&pool, &batch).await {
+        Ok(outcomes) => outcomes,
+        Err(PersistError::Failed(why)) if batch.len() > 1 => {
+            // One order may be what failed the batch: give each its own answer.
+            debug!(batch = batch.len(), error = %why, "batch failed; committing its orders one by one");
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for pending in &batch {
+                outcomes.push(match transaction(&pool, std::slice::from_ref(pending)).await {
+                    Ok(mut one) => one.pop().unwrap_or_else(|| Err(PersistError::Failed("no outcome".into()))),
+                    Err(e) => Err(e),
+                });
+            }
+            outcomes
+        }
+        Err(e) => batch.iter().map(|_| Err(clone_error(&e))).collect(),
+    };
+
+    let mut created = 0;
+    for (pending, outcome) in batch.into_iter().zip(outcomes) {
+        let order = &pending.order;
+        match &outcome {
+            Ok(Persisted::Created(_)) => {
+                created += 1;
+                info!(order.id = %order.id, outbox.id = %pending.event_id, correlation_id = %order.correlation_id, total_cents = order.total_cents, "order accepted");
+            }
+            Ok(Persisted::Existing(existing)) => {
+                info!(order.id = %existing.id, correlation_id = %order.correlation_id, "idempotent replay: answering the existing order");
+            }
+            Err(PersistError::KeyReused) => {}
+            Err(e) => warn!(correlation_id = %order.correlation_id, error = %e, "order not stored"),
+        }
+        let _ = pending.reply.send(outcome);
+    }
+    metrics.orders_accepted.inc_by(created);
+    created > 0
+}
+
+fn clone_error(e: &PersistError) -> PersistError {
+    match e {
+        PersistError::KeyReused => PersistError::KeyReused,
+        PersistError::Unavailable(m) => PersistError::Unavailable(m.clone()),
+        PersistError::Failed(m) => PersistError::Failed(m.clone()),
+    }
+}
+
+fn classify(e: &DieselError) -> PersistError {
+    if storage::is_unavailable(e) {
+        PersistError::Unavailable(e.to_string())
+    } else {
+        PersistError::Failed(e.to_string())
+    }
+}
+
+/// One transaction for the whole batch: the orders, their outbox rows, one
+/// NOTIFY. The outcomes come in the order of `batch`.
+async fn transaction(pool: &PgPool, batch: &[Pending]) -> Result<Vec<Result<Persisted, PersistError>>, PersistError> {
+    let work = async {
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| PersistError::Unavailable(e.to_string()))?;
+        let result = conn
+            .transaction::<_, DieselError, _>(async |c| {
+                // Sorted by key: concurrent batches then take key locks in one
+                // order and cannot deadlock on each other.
+                let mut rows: Vec<NewOrderRow<'_>> = batch.iter().map(order_row).collect();
+                rows.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
+                let inserted: HashSet<Uuid> = orders::insert_skipping_taken_keys(c, &rows).await?.into_iter().collect();
+
+                let taken: Vec<&str> = batch
+                    .iter()
+                    .filter(|p| !inserted.contains(&p.order.id))
+                    .filter_map(|p| p.idempotency_key.as_deref())
+                    .collect();
+                let existing: HashMap<String, Order> = if taken.is_empty() {
+                    HashMap::new()
+                } else {
+                    orders::find_by_idempotency_keys(c, &taken).await?.into_iter().collect()
+                };
+
+                let outbox_rows: Vec<NewOutboxRow<'_>> = batch
+                    .iter()
+                    .filter(|p| inserted.contains(&p.order.id))
+                    .map(|p| NewOutboxRow {
+                        id: p.event_id,
+                        order_id: p.order.id,
+                        event_type: ORDER_CREATED,
+                        routing_key: ORDER_CREATED,
+                        correlation_id: &p.order.correlation_id,
+                        payload: order_created_body(p.event_id, &p.order),
+                    })
+                    .collect();
+                if !outbox_rows.is_empty() {
+                    outbox::insert(c, &outbox_rows).await?;
+                    outbox::notify(c).await?;
+                }
+
+                Ok(batch
+                    .iter()
+                    .map(|p| {
+                        if inserted.contains(&p.order.id) {
+                            return Ok(Persisted::Created(p.order.clone()));
+                        }
+                        let key = p.idempotency_key.as_deref().unwrap_or_default();
+                        match existing.get(key) {
+                            Some(found) if found.same_request_as(&p.order) => Ok(Persisted::Existing(found.clone())),
+                            Some(_) => Err(PersistError::KeyReused),
+                            // The key's holder vanished between the two statements
+                            // (its key just expired): the client may retry.
+                            None => Err(PersistError::Unavailable("the Idempotency-Key changed hands; retry".into())),
+                        }
+                    })
+                    .collect())
+            })
+            .await;
+        result.map_err(|e| classify(&e))
+    };
+    match tokio::time::timeout(TRANSACTION_TIMEOUT, work).await {
+        Ok(result) => result,
+        // The pool discards the connection: its transaction never ended.
+        Err(_) => Err(PersistError::Unavailable(format!(
+            "no answer from the database within {TRANSACTION_TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn order_row(p: &Pending) -> NewOrderRow<'_> {
+    let o = &p.order;
+    NewOrderRow {
+        id: o.id,
+        status: OrderStatus::Accepted.as_str(),
+        correlation_id: &o.correlation_id,
+        customer_id: &o.customer_id,
+        currency: &o.currency,
+        total_cents: o.total_cents,
+        items: serde_json::to_value(&o.items).unwrap_or_else(|e| unreachable!("items serialise: {e}")),
+        idempotency_key: p.idempotency_key.as_deref(),
+        created_at: o.created_at,
+    }
+}
+
+/// Forgets Idempotency-Keys older than `ttl`, a bounded batch at a time.
+async fn expire_keys(pool: PgPool, ttl: chrono::Duration) {
+    let before = chrono::Utc::now() - ttl;
+    let Ok(mut conn) = pool.get().await else {
+        return;
+    };
+    let mut total = 0;
+    loop {
+        match orders::expire_idempotency_keys(&mut conn, before, KEY_EXPIRY_BATCH).await {
+            Ok(n) => {
+                total += n;
+                if (n as i64) < KEY_EXPIRY_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "expiring Idempotency-Keys failed; next round retries");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        info!(expired = total, "forgot expired Idempotency-Keys");
+    }
+}

@@ -1,0 +1,437 @@
+//! PublisherActor: outbox rows → RabbitMQ, with publisher confirms.
+//!
+//! - **Wakes on**: [`Wake`] from the watcher (NOTIFY, in-process commit, timer
+//!   sweep); with no wake-up at all it still looks every five sweep intervals.
+//!   Right after every (re)start it replays the whole backlog, oldest first.
+//! - **Reads/writes**: claims up to `PUBLISH_BATCH_SIZE` due rows with
+//!   `FOR UPDATE SKIP LOCKED` in a transaction, publishes them all (mandatory,
+//!   persistent, SPEC §3 properties) without waiting, then awaits their
+//!   confirms under one deadline (the confirm window is the batch). In the same
+//!   transaction it deletes the acked rows, marks their orders `published`
+//!   (forward only) and records refusals. Only `Ack` without a return counts
+//!   as published; a nack or a return adds an attempt and an exponential
+//!   back-off, and after `PUBLISH_MAX_ATTEMPTS` moves the row to `outbox_dead`;
+//!   a timeout or a lost channel leaves the row untouched for the next claim.
+//! - **On failure**: a broker problem (connect, channel, unconfirmed publish)
+//!   ends the run; the actix Supervisor restarts the actor after a back-off and
+//!   the restart reconnects, re-declares the topology and replays. lapin's own
+//!   auto-recovery is off: the Supervisor is the one owner of recovery. A
+//!   database problem keeps the broker connection and retries the claim with
+//!   back-off. A crash after the broker's confirm and before the delete commits
+//!   re-publishes the same `message_id` (at-least-once; the processor dedups).
+//! - **Flow control**: while the broker blocks the connection it claims nothing,
+//!   so memory stays bounded by one batch.
+//! - **Stops**: on [`Drain`](super::Drain) it claims no new batch, finishes the
+//!   one in flight (awaits its confirms, commits), and closes the connection.
+
+use std::pin::pin;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use diesel::result::Error as DieselError;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Confirmation, PublisherConfirm};
+use lapin::{Channel, Connection};
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, info, info_span, warn};
+use uuid::Uuid;
+
+use super::faults::Faults;
+use super::stage::{Backoff, Connected, Stage, StageActor};
+use super::{Shared, Wake};
+use crate::broker::{self, message, topology};
+use crate::domain::OrderStatus;
+use crate::metrics::Metrics;
+use crate::status::{BrokerState, StageState, StageStatus};
+use crate::storage::outbox::{self, OutboxMessage};
+use crate::storage::{self, orders};
+
+/// While the broker blocks the connection, a batch keeps waiting for its
+/// confirms this much longer than `PUBLISH_CONFIRM_TIMEOUT_MS` before giving up
+/// on them (below the session's idle-in-transaction timeout).
+pub const BLOCKED_MAX_WAIT: Duration = Duration::from_secs(60);
+/// How often an idle or blocked publisher checks its connection.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// With no wake-up at all, look at the outbox after this many sweep intervals.
+const FALLBACK_SWEEPS: u32 = 5;
+
+pub type PublisherActor = StageActor<Publisher>;
+
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Shared,
+    wake: std::sync::Arc<Notify>,
+}
+
+impl Publisher {
+    pub fn new(shared: Shared) -> Self {
+        Self {
+            shared,
+            wake: std::sync::Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl Handler<Wake> for PublisherActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, _ctx: &mut Context<Self>) {
+        if Faults::take(&self.stage.shared.faults.publisher_handler_panics) {
+            panic!("injected fault: panic in the publisher's Wake handler");
+        }
+        // Stores a permit when the run is busy: it looks again right after.
+        self.stage.wake.notify_one();
+    }
+}
+
+impl Stage for Publisher {
+    const NAME: &'static str = "publisher";
+
+    fn status(&self) -> &StageStatus {
+        &self.shared.status.publisher
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    fn run(
+        self,
+        cancel: CancellationToken,
+        connected: Connected,
+    ) -> impl Future<Output = anyhow::Result<()>> + 'static {
+        async move {
+            let board = &self.shared.status;
+            let conn = match broker::connect(&self.shared.settings.amqp_url, "order-pipeline publisher").await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    board.set_broker(BrokerState::Down);
+                    return Err(e);
+                }
+            };
+            let result = self.run_connected(&conn, &cancel, &connected).await;
+            if !conn.status().connected() {
+                board.set_broker(BrokerState::Down);
+            }
+            let _ = timeout(Duration::from_secs(1), conn.close(200, "publisher stopping".into())).await;
+            result
+        }
+        .instrument(info_span!("stage", stage = Self::NAME))
+    }
+}
+
+/// What became of one claimed message.
+#[derive(Debug)]
+enum Sent {
+    /// Confirmed and not returned: published.
+    Acked,
+    /// The broker refused it (nack or return): counts as an attempt.
+    Refused { reason: &'static str, error: String },
+    /// Outcome unknown (timeout, lost channel, not sent): left as it was.
+    Unknown { reason: &'static str },
+}
+
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    claimed: usize,
+    /// Set when the channel can no longer be trusted: the run must restart.
+    channel_error: Option<String>,
+}
+
+/// A batch as the transaction recorded it, reported once it has committed.
+struct Recorded {
+    rows: Vec<OutboxMessage>,
+    sent: Vec<Sent>,
+    dead: Vec<Uuid>,
+    channel_error: Option<String>,
+}
+
+impl Publisher {
+    async fn run_connected(
+        &self,
+        conn: &Connection,
+        cancel: &CancellationToken,
+        connected: &Connected,
+    ) -> anyhow::Result<()> {
+        let s = &self.shared;
+        topology::declare(conn, &s.settings.amqp_exchange, &s.settings.amqp_queue).await?;
+        let channel = conn.create_channel().await.context("opening the publish channel")?;
+        // Confirms: a message counts as published only when the broker acked it.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
+        s.status.set_broker(BrokerState::Up);
+        if !s.wait_migrated(cancel).await? {
+            return Ok(());
+        }
+        s.status.publisher.set(StageState::Running);
+        connected.mark();
+        info!("publisher connected; replaying the outbox backlog");
+
+        let mut db_backoff = Backoff::new();
+        let batch_size = s.settings.tuning.publish_batch_size;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if Faults::take(&s.faults.publisher_loop_panics) {
+                panic!("injected fault: panic in the publisher's work loop");
+            }
+            if !conn.status().connected() {
+                bail!("the broker connection was lost");
+            }
+            if conn.status().blocked() {
+                self.wait_unblocked(conn, cancel).await;
+                continue;
+            }
+            match self.publish_batch(conn, &channel).await {
+                Ok(outcome) => {
+                    db_backoff.reset();
+                    s.status.publisher.beat();
+                    if let Some(error) = outcome.channel_error {
+                        bail!("the publish channel failed: {error}");
+                    }
+                    if (outcome.claimed as i64) < batch_size {
+                        self.idle(conn, cancel).await;
+                    }
+                }
+                Err(e) => {
+                    let delay = db_backoff.next_delay();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox claim failed; keeping the broker connection");
+                    tokio::select! {
+                        () = sleep(delay) => {}
+                        () = cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for a wake-up, checking the connection every second.
+    async fn idle(&self, conn: &Connection, cancel: &CancellationToken) {
+        let fallback = Instant::now() + self.shared.settings.tuning.sweep_interval * FALLBACK_SWEEPS;
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => return,
+                () = cancel.cancelled() => return,
+                () = sleep(IDLE_CHECK) => {}
+            }
+            self.shared.status.publisher.beat();
+            if !conn.status().connected() || conn.status().blocked() || Instant::now() >= fallback {
+                return;
+            }
+        }
+    }
+
+    /// Claims nothing while the broker blocks the connection.
+    async fn wait_unblocked(&self, conn: &Connection, cancel: &CancellationToken) {
+        let board = &self.shared.status;
+        board.set_broker(BrokerState::Blocked);
+        board.publisher.set(StageState::Blocked);
+        warn!("the broker blocked the connection (flow control); claiming nothing until it unblocks");
+        while conn.status().blocked() && conn.status().connected() && !cancel.is_cancelled() {
+            tokio::select! {
+                () = sleep(Duration::from_millis(100)) => {}
+                () = cancel.cancelled() => {}
+            }
+            board.publisher.beat();
+        }
+        if conn.status().connected() && !conn.status().blocked() {
+            board.set_broker(BrokerState::Up);
+            board.publisher.set(StageState::Running);
+            info!("the broker unblocked the connection; publishing again");
+        }
+    }
+
+    /// One claim → publish → confirm → record cycle, in one transaction.
+    async fn publish_batch(&self, conn: &Connection, channel: &Channel) -> anyhow::Result<BatchOutcome> {
+        let s = &self.shared;
+        let tuning = &s.settings.tuning;
+        // Bounds the whole transaction even if the database stops answering.
+        let deadline = tuning.confirm_timeout + BLOCKED_MAX_WAIT + storage::STATEMENT_TIMEOUT * 4;
+        let mut db = s.pool.get().await.context("getting a database connection")?;
+        let work = db.transaction::<_, DieselError, _>(async |c| {
+            let rows = outbox::claim_due(c, tuning.publish_batch_size).await?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let (sent, channel_error) = self.send_and_confirm(conn, channel, &rows).await;
+            let dead = self.record(c, &rows, &sent).await?;
+            Ok(Some(Recorded {
+                rows,
+                sent,
+                dead,
+                channel_error,
+            }))
+        });
+        let recorded = match timeout(deadline, work).await {
+            Ok(result) => result.context("claiming or recording an outbox batch")?,
+            // The pool discards the connection: its transaction never ended.
+            Err(_) => bail!("an outbox batch took longer than {deadline:?}"),
+        };
+        let Some(recorded) = recorded else {
+            return Ok(BatchOutcome::default());
+        };
+        self.report(&recorded);
+        Ok(BatchOutcome {
+            claimed: recorded.rows.len(),
+            channel_error: recorded.channel_error,
+        })
+    }
+
+    /// Publishes every row without waiting, then awaits each confirm.
+    async fn send_and_confirm(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        rows: &[OutboxMessage],
+    ) -> (Vec<Sent>, Option<String>) {
+        let settings = &self.shared.settings;
+        let exchange: lapin::types::ShortString = settings.amqp_exchange.as_str().into();
+        let deadline = Instant::now() + settings.tuning.confirm_timeout;
+        let mut channel_error = None;
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in rows {
+            let body = serde_json::to_vec(&row.payload).unwrap_or_else(|e| unreachable!("JSON serialises: {e}"));
+            let publish = channel.basic_publish(
+                exchange.clone(),
+                row.routing_key.as_str().into(),
+                // mandatory: an unroutable message comes back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &body,
+                message::properties(row),
+            );
+            match timeout_at(deadline, publish).await {
+                Ok(Ok(confirm)) => confirms.push(confirm),
+                Ok(Err(e)) => {
+                    channel_error = Some(format!("publish failed: {e}"));
+                    break;
+                }
+                // A blocked connection stops taking frames; the rows stay for later.
+                Err(_) if conn.status().blocked() => break,
+                Err(_) => {
+                    channel_error = Some("a publish was not accepted before the confirm deadline".into());
+                    break;
+                }
+            }
+        }
+        let mut sent = Vec::with_capacity(rows.len());
+        for confirm in confirms {
+            sent.push(await_confirm(conn, confirm, deadline).await);
+        }
+        sent.resize_with(rows.len(), || Sent::Unknown { reason: "not_sent" });
+        if channel_error.is_none()
+            && sent
+                .iter()
+                .any(|s| matches!(s, Sent::Unknown { reason: "channel" | "timeout" }))
+        {
+            channel_error = Some("confirms were lost or late".into());
+        }
+        (sent, channel_error)
+    }
+
+    /// Records a batch's outcome in the claiming transaction; returns the ids it
+    /// dead-lettered.
+    async fn record(
+        &self,
+        c: &mut AsyncPgConnection,
+        rows: &[OutboxMessage],
+        sent: &[Sent],
+    ) -> Result<Vec<Uuid>, DieselError> {
+        let s = &self.shared;
+        let tuning = &s.settings.tuning;
+        let mut acked_ids = Vec::new();
+        let mut acked_orders = Vec::new();
+        let mut refusals: Vec<(Uuid, String)> = Vec::new();
+        for (row, outcome) in rows.iter().zip(sent) {
+            let span = info_span!("outbox_message", outbox.id = %row.id, order.id = %row.order_id, correlation_id = %row.correlation_id);
+            let _entered = span.enter();
+            match outcome {
+                Sent::Acked => {
+                    acked_ids.push(row.id);
+                    acked_orders.push(row.order_id);
+                }
+                Sent::Refused { reason, error } => {
+                    warn!(reason, error = %error, attempts = row.attempts + 1, "the broker refused the message; it stays in the outbox");
+                    s.metrics.publish_failure(reason, 1);
+                    refusals.push((row.id, error.clone()));
+                }
+                Sent::Unknown { reason } => {
+                    s.metrics.publish_failure(reason, 1);
+                }
+            }
+        }
+        outbox::delete(c, &acked_ids).await?;
+        orders::advance_status(c, &acked_orders, OrderStatus::Published).await?;
+        outbox::record_refusals(c, &refusals, tuning.publish_retry_base, tuning.publish_retry_max).await?;
+        let refused_ids: Vec<Uuid> = refusals.iter().map(|(id, _)| *id).collect();
+        outbox::dead_letter_exhausted(c, &refused_ids, tuning.publish_max_attempts).await
+    }
+
+    /// Logs and counts a committed batch.
+    fn report(&self, Recorded { rows, sent, dead, .. }: &Recorded) {
+        let s = &self.shared;
+        let now = Utc::now();
+        let mut published = 0;
+        for (row, outcome) in rows.iter().zip(sent) {
+            if matches!(outcome, Sent::Acked) {
+                let latency = (now - row.created_at).to_std().unwrap_or_default();
+                s.metrics.commit_to_confirm_seconds.observe(latency.as_secs_f64());
+                published += 1;
+                info!(
+                    outbox.id = %row.id, order.id = %row.order_id, correlation_id = %row.correlation_id,
+                    publish.latency_ms = latency.as_millis() as u64,
+                    "order published"
+                );
+            }
+        }
+        for id in dead {
+            warn!(outbox.id = %id, max_attempts = s.settings.tuning.publish_max_attempts, "message dead-lettered after too many refusals");
+        }
+        s.metrics.messages_published.inc_by(published);
+        s.metrics.messages_dead_lettered.inc_by(dead.len() as u64);
+    }
+}
+
+/// Awaits one confirm until `deadline`, longer while the broker blocks us.
+async fn await_confirm(conn: &Connection, confirm: PublisherConfirm, deadline: Instant) -> Sent {
+    let mut confirm = pin!(confirm);
+    let give_up = deadline + BLOCKED_MAX_WAIT;
+    let mut until = deadline;
+    loop {
+        match timeout_at(until, confirm.as_mut()).await {
+            Ok(Ok(Confirmation::Ack(None))) => return Sent::Acked,
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                return Sent::Refused {
+                    reason: "returned",
+                    error: format!(
+                        "returned by the broker as unroutable: {} {}",
+                        returned.reply_code, returned.reply_text
+                    ),
+                };
+            }
+            Ok(Ok(Confirmation::Nack(_))) => {
+                return Sent::Refused {
+                    reason: "nack",
+                    error: "nacked by the broker".into(),
+                };
+            }
+            Ok(Ok(Confirmation::NotRequested)) => return Sent::Unknown { reason: "channel" },
+            Ok(Err(_)) => return Sent::Unknown { reason: "channel" },
+            Err(_) if conn.status().blocked() && Instant::now() < give_up => {
+                until = (Instant::now() + IDLE_CHECK).min(give_up);
+            }
+            Err(_) if conn.status().blocked() => return Sent::Unknown { reason: "blocked" },
+            Err(_) => return Sent::Unknown { reason: "timeout" },
+        }
+    }
+}

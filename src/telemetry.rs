@@ -1,0 +1,31 @@
+//! Logging: one `tracing` subscriber for the process, set up here only.
+//!
+//! Spans carry the fields that filter well: `order.id`, `outbox.id`,
+//! `correlation_id` (per order and message), `stage` (per pipeline stage), and
+//! `http.route`/`http.status` (per request). `LOG_FORMAT=json` prints one JSON
+//! object per line with the current span's fields merged in.
+
+use std::io::IsTerminal as _;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::settings::LogFormat;
+
+/// Installs the global subscriber; a second call (tests) is a no-op.
+pub fn init(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
+    };
+}
