@@ -36,7 +36,11 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> HttpResp
 }
 
 /// The same, on a builder that already carries headers (e.g. `Allow`).
-pub fn error_response_builder(mut builder: HttpResponseBuilder, code: &str, message: &str) -> HttpResponse {
+pub fn error_response_builder(
+    mut builder: HttpResponseBuilder,
+    code: &str,
+    message: &str,
+) -> HttpResponse {
     builder.json(ErrorBody {
         error: ErrorDetail { code, message },
     })

@@ -86,7 +86,10 @@ fn serve(settings: Settings) -> ExitCode {
 /// SIGTERM or SIGINT, whichever comes first.
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still dies by the default action.
         return std::future::pending().await;
     };

@@ -74,16 +74,36 @@ impl Metrics {
             processor_dead_lettered: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests by route, method and status", m.http_requests.clone());
-        registry.register("orders_accepted", "Orders committed with their outbox row", m.orders_accepted.clone());
-        registry.register("outbox_pending", "Outbox messages not yet confirmed by the broker", m.outbox_pending.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "orders_accepted",
+            "Orders committed with their outbox row",
+            m.orders_accepted.clone(),
+        );
+        registry.register(
+            "outbox_pending",
+            "Outbox messages not yet confirmed by the broker",
+            m.outbox_pending.clone(),
+        );
         registry.register(
             "outbox_oldest_pending_age_seconds",
             "Age of the oldest pending outbox message (0 when empty)",
             m.outbox_oldest_pending_age.clone(),
         );
-        registry.register("outbox_dead", "Dead-lettered outbox messages", m.outbox_dead.clone());
-        registry.register("messages_published", "Messages confirmed by the broker", m.messages_published.clone());
+        registry.register(
+            "outbox_dead",
+            "Dead-lettered outbox messages",
+            m.outbox_dead.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages confirmed by the broker",
+            m.messages_published.clone(),
+        );
         registry.register(
             "publish_failures",
             "Messages not published on an attempt, by reason (nack, returned, timeout, channel)",
@@ -94,13 +114,21 @@ impl Metrics {
             "Outbox messages moved to the dead-letter table",
             m.messages_dead_lettered.clone(),
         );
-        registry.register("stage_restarts", "Restarts of a pipeline stage by its supervisor", m.stage_restarts.clone());
+        registry.register(
+            "stage_restarts",
+            "Restarts of a pipeline stage by its supervisor",
+            m.stage_restarts.clone(),
+        );
         registry.register(
             "commit_to_confirm_seconds",
             "From the order's commit to the broker's confirm of its message",
             m.commit_to_confirm_seconds.clone(),
         );
-        registry.register("processor_processed", "Orders processed by the order processor", m.processor_processed.clone());
+        registry.register(
+            "processor_processed",
+            "Orders processed by the order processor",
+            m.processor_processed.clone(),
+        );
         registry.register(
             "processor_duplicates_dropped",
             "Deliveries dropped by the processor as duplicates (inbox hit)",
@@ -115,11 +143,15 @@ impl Metrics {
     }
 
     pub fn publish_failure(&self, reason: &'static str, n: u64) {
-        self.publish_failures.get_or_create(&ReasonLabels { reason }).inc_by(n);
+        self.publish_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
     }
 
     pub fn stage_restarted(&self, stage: &'static str) {
-        self.stage_restarts.get_or_create(&StageLabels { stage }).inc();
+        self.stage_restarts
+            .get_or_create(&StageLabels { stage })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.

@@ -143,7 +143,10 @@ impl Settings {
             )
         })?;
 
-        let amqp_exchange = amqp_name("AMQP_EXCHANGE", get("AMQP_EXCHANGE", defaults::AMQP_EXCHANGE))?;
+        let amqp_exchange = amqp_name(
+            "AMQP_EXCHANGE",
+            get("AMQP_EXCHANGE", defaults::AMQP_EXCHANGE),
+        )?;
         let amqp_queue = amqp_name("AMQP_QUEUE", get("AMQP_QUEUE", defaults::AMQP_QUEUE))?;
 
         let processor_enabled = match vars.get("PROCESSOR_ENABLED").map(String::as_str) {
@@ -156,7 +159,10 @@ impl Settings {
         let admin_token = match vars.get("ADMIN_TOKEN") {
             None => None,
             Some(t) if t.trim().is_empty() => {
-                return Err(invalid("ADMIN_TOKEN", "is set but empty; unset it to disable admin endpoints"));
+                return Err(invalid(
+                    "ADMIN_TOKEN",
+                    "is set but empty; unset it to disable admin endpoints",
+                ));
             }
             Some(t) => Some(t.clone()),
         };
@@ -168,22 +174,47 @@ impl Settings {
         let log_format = match get("LOG_FORMAT", "text").as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(invalid("LOG_FORMAT", format!("{other:?} is not text or json"))),
+            other => {
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not text or json"),
+                ));
+            }
         };
 
         let d = Tuning::default();
         let millis = |name: &'static str, default: Duration| -> Result<Duration, SettingsError> {
-            number::<u64>(vars, name, default.as_millis() as u64, 1..=u64::from(u32::MAX))
-                .map(Duration::from_millis)
+            number::<u64>(
+                vars,
+                name,
+                default.as_millis() as u64,
+                1..=u64::from(u32::MAX),
+            )
+            .map(Duration::from_millis)
         };
         let tuning = Tuning {
             sweep_interval: millis("OUTBOX_SWEEP_INTERVAL_MS", d.sweep_interval)?,
-            publish_batch_size: number(vars, "PUBLISH_BATCH_SIZE", d.publish_batch_size, 1..=10_000)?,
-            publish_max_attempts: number(vars, "PUBLISH_MAX_ATTEMPTS", d.publish_max_attempts, 1..=1000)?,
+            publish_batch_size: number(
+                vars,
+                "PUBLISH_BATCH_SIZE",
+                d.publish_batch_size,
+                1..=10_000,
+            )?,
+            publish_max_attempts: number(
+                vars,
+                "PUBLISH_MAX_ATTEMPTS",
+                d.publish_max_attempts,
+                1..=1000,
+            )?,
             publish_retry_base: millis("PUBLISH_RETRY_BASE_MS", d.publish_retry_base)?,
             publish_retry_max: millis("PUBLISH_RETRY_MAX_MS", d.publish_retry_max)?,
             confirm_timeout: millis("PUBLISH_CONFIRM_TIMEOUT_MS", d.confirm_timeout)?,
-            processor_prefetch: number(vars, "PROCESSOR_PREFETCH", d.processor_prefetch, 1..=u16::MAX)?,
+            processor_prefetch: number(
+                vars,
+                "PROCESSOR_PREFETCH",
+                d.processor_prefetch,
+                1..=u16::MAX,
+            )?,
             db_pool_size: number(vars, "DB_POOL_SIZE", d.db_pool_size, 4..=1000)?,
             persist_max_batch: number(vars, "PERSIST_MAX_BATCH", d.persist_max_batch, 1..=10_000)?,
             persist_max_transactions: number(
@@ -261,7 +292,10 @@ fn amqp_name(variable: &'static str, value: String) -> Result<String, SettingsEr
         return Err(invalid(variable, "must be 1..=255 bytes"));
     }
     if value.starts_with("amq.") {
-        return Err(invalid(variable, "names starting with \"amq.\" are reserved by the broker"));
+        return Err(invalid(
+            variable,
+            "names starting with \"amq.\" are reserved by the broker",
+        ));
     }
     if !value
         .chars()
@@ -356,6 +390,9 @@ mod tests {
         ]))
         .expect("valid");
         let shown = format!("{s:?}");
-        assert!(!shown.contains("s3cret") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::pipeline::faults::Faults;
-use crate::pipeline::persist::PersistActor;
+use crate::pipeline::persist::{MAILBOX_CAPACITY, PersistActor};
 use crate::pipeline::processor::{Processor, ProcessorActor};
 use crate::pipeline::publisher::{Publisher, PublisherActor};
 use crate::pipeline::stage::Backoff;
@@ -82,14 +82,22 @@ impl Application {
     }
 
     #[doc(hidden)]
-    pub async fn build_with_faults(settings: Settings, faults: Arc<Faults>) -> anyhow::Result<Self> {
+    pub async fn build_with_faults(
+        settings: Settings,
+        faults: Arc<Faults>,
+    ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let status = Arc::new(StatusBoard::new(settings.processor_enabled));
         let metrics = Arc::new(Metrics::new());
         let pool = storage::build_pool(&settings.database_url, settings.tuning.db_pool_size)?;
         let shutdown = CancellationToken::new();
         let (migrated_tx, migrated) = watch::channel(false);
-        spawn_migrations(settings.database_url.clone(), status.clone(), migrated_tx, shutdown.clone())?;
+        spawn_migrations(
+            settings.database_url.clone(),
+            status.clone(),
+            migrated_tx,
+            shutdown.clone(),
+        )?;
 
         let shared = Shared {
             settings: settings.clone(),
@@ -112,25 +120,45 @@ impl Application {
 
         let publisher = {
             let (shared, cancel) = (shared.clone(), shutdown.child_token());
-            Supervisor::start_in_arbiter(&arbiter(), move |_| PublisherActor::new(Publisher::new(shared), cancel))
+            Supervisor::start_in_arbiter(&arbiter(), move |_| {
+                PublisherActor::new(Publisher::new(shared), cancel)
+            })
         };
         let watcher = {
-            let (shared, cancel, publisher) = (shared.clone(), shutdown.child_token(), publisher.clone());
-            Supervisor::start_in_arbiter(&arbiter(), move |_| OutboxWatcher::new(Watcher::new(shared, publisher), cancel))
+            let (shared, cancel, publisher) =
+                (shared.clone(), shutdown.child_token(), publisher.clone());
+            Supervisor::start_in_arbiter(&arbiter(), move |_| {
+                OutboxWatcher::new(Watcher::new(shared, publisher), cancel)
+            })
         };
         let processor = settings.processor_enabled.then(|| {
             let (shared, cancel) = (shared.clone(), shutdown.child_token());
-            Supervisor::start_in_arbiter(&arbiter(), move |_| ProcessorActor::new(Processor::new(shared), cancel))
+            Supervisor::start_in_arbiter(&arbiter(), move |_| {
+                ProcessorActor::new(Processor::new(shared), cancel)
+            })
         });
         let persist = {
-            let (pool, status, metrics, tuning) = (pool.clone(), status.clone(), metrics.clone(), settings.tuning.clone());
+            let (pool, status, metrics, tuning) = (
+                pool.clone(),
+                status.clone(),
+                metrics.clone(),
+                settings.tuning.clone(),
+            );
             let wake = watcher.clone().recipient();
-            PersistActor::start_in_arbiter(&arbiter(), move |_| PersistActor::new(pool, wake, status, metrics, &tuning))
+            PersistActor::start_in_arbiter(&arbiter(), move |ctx| {
+                // HTTP handlers use try_send: a full mailbox is a 503, so it must
+                // hold a burst (actix's default is 16).
+                ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+                PersistActor::new(pool, wake, status, metrics, &tuning)
+            })
         };
 
         let listener = TcpListener::bind(settings.http_addr)
             .with_context(|| format!("binding HTTP_ADDR {}", settings.http_addr))?;
-        let port = listener.local_addr().context("reading the bound address")?.port();
+        let port = listener
+            .local_addr()
+            .context("reading the bound address")?
+            .port();
         let state = web::Data::new(AppState {
             persist: persist.clone(),
             watcher: watcher.clone(),
@@ -206,11 +234,17 @@ impl Application {
         let deadline = Instant::now() + SHUTDOWN_DEADLINE;
         let mut forced = Vec::new();
 
-        if timeout_at(deadline, server_handle.stop(true)).await.is_err() {
+        if timeout_at(deadline, server_handle.stop(true))
+            .await
+            .is_err()
+        {
             forced.push("http");
         }
         let _ = timeout_at(deadline, &mut server_task).await;
-        if timeout_at(deadline, stages.publisher.send(Drain)).await.is_err() {
+        if timeout_at(deadline, stages.publisher.send(Drain))
+            .await
+            .is_err()
+        {
             forced.push("publisher");
         }
         if let Some(processor) = &stages.processor {
@@ -218,7 +252,10 @@ impl Application {
                 forced.push("processor");
             }
         }
-        if timeout_at(deadline, stages.watcher.send(Drain)).await.is_err() {
+        if timeout_at(deadline, stages.watcher.send(Drain))
+            .await
+            .is_err()
+        {
             forced.push("watcher");
         }
         for arbiter in &arbiters {
@@ -243,7 +280,11 @@ async fn monitor(stages: &Stages, status: &StatusBoard) -> i32 {
         let dead = [
             ("persist", stages.persist.connected(), None),
             ("watcher", stages.watcher.connected(), Some(&status.watcher)),
-            ("publisher", stages.publisher.connected(), Some(&status.publisher)),
+            (
+                "publisher",
+                stages.publisher.connected(),
+                Some(&status.publisher),
+            ),
             (
                 "processor",
                 stages.processor.as_ref().is_none_or(|p| p.connected()),
@@ -256,7 +297,10 @@ async fn monitor(stages: &Stages, status: &StatusBoard) -> i32 {
             if let Some(board) = board {
                 board.set(StageState::Dead);
             }
-            error!(stage, "a pipeline stage died; exiting so that the process supervisor restarts the service");
+            error!(
+                stage,
+                "a pipeline stage died; exiting so that the process supervisor restarts the service"
+            );
             return EXIT_STAGE_DIED;
         }
     }

@@ -37,10 +37,12 @@ pub enum StageState {
 impl StageState {
     fn from_u8(v: u8) -> Self {
         use StageState::*;
-        [Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead]
-            .get(v as usize)
-            .copied()
-            .unwrap_or(Dead)
+        [
+            Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Dead)
     }
 
     /// Whether this state lets the service call itself ready.
@@ -157,7 +159,9 @@ mod tests {
     #[test]
     fn states_round_trip_through_their_byte() {
         use StageState::*;
-        for s in [Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead] {
+        for s in [
+            Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead,
+        ] {
             assert_eq!(StageState::from_u8(s as u8), s);
         }
         let board = StatusBoard::new(true);

@@ -53,7 +53,8 @@ fn fail(field: impl Into<String>, message: impl Into<String>) -> ValidationError
 }
 
 fn has_control_chars(s: &str) -> bool {
-    s.chars().any(|c| matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'))
+    s.chars()
+        .any(|c| matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'))
 }
 
 fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), ValidationError> {
@@ -76,7 +77,10 @@ impl TryFrom<OrderRequest> for NewOrder {
     fn try_from(req: OrderRequest) -> Result<Self, ValidationError> {
         check_text("customer_id", &req.customer_id, CUSTOMER_ID_MAX_CHARS)?;
         if !(req.currency.len() == 3 && req.currency.bytes().all(|b| b.is_ascii_uppercase())) {
-            return Err(fail("currency", "must be three upper-case letters, like EUR"));
+            return Err(fail(
+                "currency",
+                "must be three upper-case letters, like EUR",
+            ));
         }
         if req.items.is_empty() || req.items.len() > MAX_ITEMS {
             return Err(fail(
@@ -96,7 +100,10 @@ impl TryFrom<OrderRequest> for NewOrder {
             if !UNIT_PRICE_CENTS_RANGE.contains(&item.unit_price_cents) {
                 return Err(fail(
                     format!("items[{i}].unit_price_cents"),
-                    format!("must be an integer in 0..=100000000, got {}", item.unit_price_cents),
+                    format!(
+                        "must be an integer in 0..=100000000, got {}",
+                        item.unit_price_cents
+                    ),
                 ));
             }
             // At most 100 × 10^4 × 10^8 = 10^14: far from overflowing an i64.
@@ -160,7 +167,9 @@ impl Order {
     /// True when `other` was placed with the same body as this one: what an
     /// Idempotency-Key replay must carry to get this order back instead of a 422.
     pub fn same_request_as(&self, other: &Order) -> bool {
-        self.customer_id == other.customer_id && self.currency == other.currency && self.items == other.items
+        self.customer_id == other.customer_id
+            && self.currency == other.currency
+            && self.items == other.items
     }
 }
 
@@ -204,23 +213,51 @@ mod tests {
         let long_id = "x".repeat(128);
         let sku = "é".repeat(64); // characters, not bytes
         let items: Vec<_> = (0..100).map(|_| item(&sku, 10_000, 100_000_000)).collect();
-        let order = request(serde_json::json!({"customer_id": long_id, "currency": "USD", "items": items}))
-            .expect("valid at every upper bound");
+        let order =
+            request(serde_json::json!({"customer_id": long_id, "currency": "USD", "items": items}))
+                .expect("valid at every upper bound");
         assert_eq!(order.total_cents, 100 * 10_000 * 100_000_000);
     }
 
     #[test]
     fn each_rule_names_its_field() {
         let cases = [
-            (serde_json::json!({"customer_id": "", "currency": "EUR", "items": [item("a", 1, 1)]}), "customer_id"),
-            (serde_json::json!({"customer_id": "c\u{7f}", "currency": "EUR", "items": [item("a", 1, 1)]}), "customer_id"),
-            (serde_json::json!({"customer_id": "c", "currency": "eur", "items": [item("a", 1, 1)]}), "currency"),
-            (serde_json::json!({"customer_id": "c", "currency": "ÄBC", "items": [item("a", 1, 1)]}), "currency"),
-            (serde_json::json!({"customer_id": "c", "currency": "EUR", "items": []}), "items"),
-            (serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("", 1, 1)]}), "items[0].sku"),
-            (serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 1, 1), item("a\n", 1, 1)]}), "items[1].sku"),
-            (serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 0, 1)]}), "items[0].quantity"),
-            (serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 1, -1)]}), "items[0].unit_price_cents"),
+            (
+                serde_json::json!({"customer_id": "", "currency": "EUR", "items": [item("a", 1, 1)]}),
+                "customer_id",
+            ),
+            (
+                serde_json::json!({"customer_id": "c\u{7f}", "currency": "EUR", "items": [item("a", 1, 1)]}),
+                "customer_id",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "eur", "items": [item("a", 1, 1)]}),
+                "currency",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "ÄBC", "items": [item("a", 1, 1)]}),
+                "currency",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "EUR", "items": []}),
+                "items",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("", 1, 1)]}),
+                "items[0].sku",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 1, 1), item("a\n", 1, 1)]}),
+                "items[1].sku",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 0, 1)]}),
+                "items[0].quantity",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "currency": "EUR", "items": [item("a", 1, -1)]}),
+                "items[0].unit_price_cents",
+            ),
         ];
         for (body, field) in cases {
             let err = request(body.clone()).expect_err(&body.to_string());
@@ -232,7 +269,11 @@ mod tests {
     fn status_only_orders_forward() {
         assert!(OrderStatus::Accepted < OrderStatus::Published);
         assert!(OrderStatus::Published < OrderStatus::Processed);
-        for s in [OrderStatus::Accepted, OrderStatus::Published, OrderStatus::Processed] {
+        for s in [
+            OrderStatus::Accepted,
+            OrderStatus::Published,
+            OrderStatus::Processed,
+        ] {
             assert_eq!(OrderStatus::parse(s.as_str()), Some(s));
         }
     }

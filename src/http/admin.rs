@@ -84,7 +84,12 @@ fn storage_error(e: DieselError) -> AdminError {
 
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), AdminError> {
@@ -117,7 +122,10 @@ async fn within<T>(work: impl Future<Output = Result<T, AdminError>>) -> Result<
 }
 
 /// `GET /outbox`: pending count, oldest pending age, dead count.
-pub async fn summary(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, AdminError> {
+pub async fn summary(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, AdminError> {
     authorize(&req, &state)?;
     let summary = within(async {
         let mut conn = connection(&state).await?;
@@ -137,7 +145,10 @@ pub struct PageQuery {
 
 fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let (micros, id) = cursor.split_once('_')?;
-    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::try_parse(id).ok()?))
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::try_parse(id).ok()?,
+    ))
 }
 
 /// `GET /outbox/dead?limit=&after=`: dead-lettered messages, oldest first.
@@ -150,19 +161,30 @@ pub async fn list_dead(
     let query = query.map_err(|e| AdminError::InvalidQuery(format!("query: {e}")))?;
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(AdminError::InvalidQuery(format!("limit: must be 1..={MAX_PAGE}")));
+        return Err(AdminError::InvalidQuery(format!(
+            "limit: must be 1..={MAX_PAGE}"
+        )));
     }
-    let after = match &query.after {
-        None => None,
-        Some(c) => Some(parse_cursor(c).ok_or_else(|| AdminError::InvalidQuery("after: not a cursor from this API".into()))?),
-    };
+    let after =
+        match &query.after {
+            None => None,
+            Some(c) => Some(parse_cursor(c).ok_or_else(|| {
+                AdminError::InvalidQuery("after: not a cursor from this API".into())
+            })?),
+        };
     let items = within(async {
         let mut conn = connection(&state).await?;
-        outbox::list_dead(&mut conn, after, limit).await.map_err(storage_error)
+        outbox::list_dead(&mut conn, after, limit)
+            .await
+            .map_err(storage_error)
     })
     .await?;
     let next = (items.len() as i64 == limit)
-        .then(|| items.last().map(|m| format!("{}_{}", m.dead_at.timestamp_micros(), m.id)))
+        .then(|| {
+            items
+                .last()
+                .map(|m| format!("{}_{}", m.dead_at.timestamp_micros(), m.id))
+        })
         .flatten();
     Ok(HttpResponse::Ok().json(json!({"items": items, "next": next})))
 }
@@ -178,7 +200,9 @@ pub async fn requeue(
     let id = Uuid::try_parse(&raw).map_err(|_| AdminError::InvalidId(raw.clone()))?;
     let moved = within(async {
         let mut conn = connection(&state).await?;
-        outbox::requeue_dead(&mut conn, id).await.map_err(storage_error)
+        outbox::requeue_dead(&mut conn, id)
+            .await
+            .map_err(storage_error)
     })
     .await?;
     if !moved {
@@ -204,7 +228,10 @@ mod tests {
     fn cursors_round_trip() {
         let id = Uuid::new_v4();
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("valid");
-        assert_eq!(parse_cursor(&format!("{}_{id}", at.timestamp_micros())), Some((at, id)));
+        assert_eq!(
+            parse_cursor(&format!("{}_{id}", at.timestamp_micros())),
+            Some((at, id))
+        );
         assert_eq!(parse_cursor("garbage"), None);
     }
 }

@@ -21,7 +21,11 @@ pub async fn live() -> HttpResponse {
 /// otherwise 503, the same shape saying what is not.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let database = if database_reachable(&state).await {
-        if state.status.migrated() { "up" } else { "migrating" }
+        if state.status.migrated() {
+            "up"
+        } else {
+            "migrating"
+        }
     } else {
         "down"
     };
@@ -32,7 +36,9 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .into_iter()
         .map(|(name, stage)| (name, stage.get()))
         .collect();
-    let ready = database == "up" && broker != BrokerState::Down && stages.iter().all(|(_, s)| s.is_healthy());
+    let ready = database == "up"
+        && broker != BrokerState::Down
+        && stages.iter().all(|(_, s)| s.is_healthy());
 
     let mut body = json!({"database": database, "broker": broker});
     for (name, s) in stages {

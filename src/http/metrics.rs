@@ -19,7 +19,8 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Ok(Some(summary)) = tokio::time::timeout(BACKLOG_QUERY_TIMEOUT, read).await {
         let m = &state.metrics;
         m.outbox_pending.set(summary.pending);
-        m.outbox_oldest_pending_age.set(summary.oldest_pending_age_seconds.unwrap_or(0.0));
+        m.outbox_oldest_pending_age
+            .set(summary.oldest_pending_age_seconds.unwrap_or(0.0));
         m.outbox_dead.set(summary.dead);
     }
     HttpResponse::Ok()

@@ -126,8 +126,11 @@ pub async fn observe(
         .filter(|v| is_visible_ascii(v, CORRELATION_ID_MAX))
         .map(str::to_owned);
     let correlation_id = given.unwrap_or_else(|| Uuid::new_v4().to_string());
-    req.extensions_mut().insert(CorrelationId(correlation_id.clone()));
-    let metrics = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone());
+    req.extensions_mut()
+        .insert(CorrelationId(correlation_id.clone()));
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
     let method = req.method().to_string();
     let span = tracing::info_span!(
         "http",

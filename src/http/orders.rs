@@ -139,15 +139,17 @@ pub async fn create(
 }
 
 /// `GET /orders/{id}`.
-pub async fn get(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, OrdersError> {
+pub async fn get(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, OrdersError> {
     let raw = path.into_inner();
     let id = Uuid::try_parse(&raw).map_err(|_| OrdersError::InvalidId(raw.clone()))?;
     let read = async {
-        let mut conn = state
-            .pool
-            .get()
-            .await
-            .map_err(|e| OrdersError::Unavailable(format!("the database is unavailable: {e}")))?;
+        let mut conn =
+            state.pool.get().await.map_err(|e| {
+                OrdersError::Unavailable(format!("the database is unavailable: {e}"))
+            })?;
         orders::find(&mut conn, id).await.map_err(storage_error)
     };
     let order = tokio::time::timeout(REQUEST_DEADLINE, read)
@@ -214,7 +216,10 @@ fn correlation_id(req: &HttpRequest) -> Result<String, OrdersError> {
 }
 
 /// Reads at most [`MAX_BODY_BYTES`]; a declared or actual excess is a 413.
-async fn read_body(headers: &HeaderMap, mut payload: web::Payload) -> Result<web::BytesMut, OrdersError> {
+async fn read_body(
+    headers: &HeaderMap,
+    mut payload: web::Payload,
+) -> Result<web::BytesMut, OrdersError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -252,7 +257,8 @@ pub fn parse_order(body: &[u8]) -> Result<NewOrder, OrdersError> {
             _ => OrdersError::MalformedJson(inner.to_string()),
         }
     })?;
-    de.end().map_err(|e| OrdersError::MalformedJson(e.to_string()))?;
+    de.end()
+        .map_err(|e| OrdersError::MalformedJson(e.to_string()))?;
     Ok(NewOrder::try_from(request)?)
 }
 
@@ -277,9 +283,14 @@ mod tests {
         assert_eq!(code("{"), "malformed_json");
         assert_eq!(code(&format!("{ok} trailing")), "malformed_json");
         assert_eq!(code("[]"), "validation_failed");
-        assert_eq!(code(r#"{"customer_id":"c","currency":"EUR"}"#), "validation_failed");
         assert_eq!(
-            code(r#"{"customer_id":"c","currency":"EUR","items":[{"sku":"a","quantity":1.5,"unit_price_cents":1}]}"#),
+            code(r#"{"customer_id":"c","currency":"EUR"}"#),
+            "validation_failed"
+        );
+        assert_eq!(
+            code(
+                r#"{"customer_id":"c","currency":"EUR","items":[{"sku":"a","quantity":1.5,"unit_price_cents":1}]}"#
+            ),
             "validation_failed"
         );
     }

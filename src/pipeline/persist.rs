@@ -46,6 +46,8 @@ use crate::storage::{self, PgPool};
 /// Orders waiting for a transaction beyond this many are refused with 503
 /// instead of queueing without bound.
 pub const MAX_QUEUED: usize = 10_000;
+/// Orders in the actor's mailbox, not yet taken into its queue.
+pub const MAILBOX_CAPACITY: usize = 4096;
 /// One transaction's own deadline: a database that stopped answering fails
 /// the batch rather than holding its callers (the HTTP deadline is 5 s).
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(4);
@@ -138,13 +140,17 @@ impl PersistActor {
             self.in_flight += 1;
             let pool = self.pool.clone();
             let metrics = self.metrics.clone();
-            ctx.spawn(commit(pool, metrics, batch).into_actor(self).map(|created, act, ctx| {
-                act.in_flight -= 1;
-                if created {
-                    act.watcher.do_send(Wake);
-                }
-                act.flush(ctx);
-            }));
+            ctx.spawn(
+                commit(pool, metrics, batch)
+                    .into_actor(self)
+                    .map(|created, act, ctx| {
+                        act.in_flight -= 1;
+                        if created {
+                            act.watcher.do_send(Wake);
+                        }
+                        act.flush(ctx);
+                    }),
+            );
         }
     }
 }
@@ -211,10 +217,14 @@ async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> boo
             debug!(batch = batch.len(), error = %why, "batch failed; committing its orders one by one");
             let mut outcomes = Vec::with_capacity(batch.len());
             for pending in &batch {
-                outcomes.push(match transaction(&pool, std::slice::from_ref(pending)).await {
-                    Ok(mut one) => one.pop().unwrap_or_else(|| Err(PersistError::Failed("no outcome".into()))),
-                    Err(e) => Err(e),
-                });
+                outcomes.push(
+                    match transaction(&pool, std::slice::from_ref(pending)).await {
+                        Ok(mut one) => one
+                            .pop()
+                            .unwrap_or_else(|| Err(PersistError::Failed("no outcome".into()))),
+                        Err(e) => Err(e),
+                    },
+                );
             }
             outcomes
         }
@@ -259,7 +269,10 @@ fn classify(e: &DieselError) -> PersistError {
 
 /// One transaction for the whole batch: the orders, their outbox rows, one
 /// NOTIFY. The outcomes come in the order of `batch`.
-async fn transaction(pool: &PgPool, batch: &[Pending]) -> Result<Vec<Result<Persisted, PersistError>>, PersistError> {
+async fn transaction(
+    pool: &PgPool,
+    batch: &[Pending],
+) -> Result<Vec<Result<Persisted, PersistError>>, PersistError> {
     let work = async {
         let mut conn = pool
             .get()
@@ -271,7 +284,10 @@ async fn transaction(pool: &PgPool, batch: &[Pending]) -> Result<Vec<Result<Pers
                 // order and cannot deadlock on each other.
                 let mut rows: Vec<NewOrderRow<'_>> = batch.iter().map(order_row).collect();
                 rows.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
-                let inserted: HashSet<Uuid> = orders::insert_skipping_taken_keys(c, &rows).await?.into_iter().collect();
+                let inserted: HashSet<Uuid> = orders::insert_skipping_taken_keys(c, &rows)
+                    .await?
+                    .into_iter()
+                    .collect();
 
                 let taken: Vec<&str> = batch
                     .iter()
@@ -281,7 +297,10 @@ async fn transaction(pool: &PgPool, batch: &[Pending]) -> Result<Vec<Result<Pers
                 let existing: HashMap<String, Order> = if taken.is_empty() {
                     HashMap::new()
                 } else {
-                    orders::find_by_idempotency_keys(c, &taken).await?.into_iter().collect()
+                    orders::find_by_idempotency_keys(c, &taken)
+                        .await?
+                        .into_iter()
+                        .collect()
                 };
 
                 let outbox_rows: Vec<NewOutboxRow<'_>> = batch
@@ -309,11 +328,15 @@ async fn transaction(pool: &PgPool, batch: &[Pending]) -> Result<Vec<Result<Pers
                         }
                         let key = p.idempotency_key.as_deref().unwrap_or_default();
                         match existing.get(key) {
-                            Some(found) if found.same_request_as(&p.order) => Ok(Persisted::Existing(found.clone())),
+                            Some(found) if found.same_request_as(&p.order) => {
+                                Ok(Persisted::Existing(found.clone()))
+                            }
                             Some(_) => Err(PersistError::KeyReused),
                             // The key's holder vanished between the two statements
                             // (its key just expired): the client may retry.
-                            None => Err(PersistError::Unavailable("the Idempotency-Key changed hands; retry".into())),
+                            None => Err(PersistError::Unavailable(
+                                "the Idempotency-Key changed hands; retry".into(),
+                            )),
                         }
                     })
                     .collect())
@@ -339,7 +362,8 @@ fn order_row(p: &Pending) -> NewOrderRow<'_> {
         customer_id: &o.customer_id,
         currency: &o.currency,
         total_cents: o.total_cents,
-        items: serde_json::to_value(&o.items).unwrap_or_else(|e| unreachable!("items serialise: {e}")),
+        items: serde_json::to_value(&o.items)
+            .unwrap_or_else(|e| unreachable!("items serialise: {e}")),
         idempotency_key: p.idempotency_key.as_deref(),
         created_at: o.created_at,
     }

@@ -27,9 +27,12 @@ use anyhow::{Context as _, bail};
 use diesel::result::Error as DieselError;
 use diesel_async::AsyncConnection as _;
 use futures_util::{FutureExt as _, StreamExt as _};
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::Confirmation;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::time::timeout;
@@ -82,9 +85,14 @@ impl Stage for Processor {
         connected: Connected,
     ) -> impl Future<Output = anyhow::Result<()>> + 'static {
         async move {
-            let conn = broker::connect(&self.shared.settings.amqp_url, "order-pipeline processor").await?;
+            let conn =
+                broker::connect(&self.shared.settings.amqp_url, "order-pipeline processor").await?;
             let result = self.run_connected(&conn, &cancel, &connected).await;
-            let _ = timeout(Duration::from_secs(1), conn.close(200, "processor stopping".into())).await;
+            let _ = timeout(
+                Duration::from_secs(1),
+                conn.close(200, "processor stopping".into()),
+            )
+            .await;
             result
         }
         .instrument(info_span!("stage", stage = Self::NAME))
@@ -109,13 +117,22 @@ impl Processor {
         let dead_letter_queue = settings.processor_dead_letter_queue();
         topology::declare_queue(conn, &dead_letter_queue).await?;
 
-        let channel = conn.create_channel().await.context("opening the consume channel")?;
+        let channel = conn
+            .create_channel()
+            .await
+            .context("opening the consume channel")?;
         // Bounded prefetch: at most this many unacked deliveries in memory.
         channel
-            .basic_qos(settings.tuning.processor_prefetch, BasicQosOptions::default())
+            .basic_qos(
+                settings.tuning.processor_prefetch,
+                BasicQosOptions::default(),
+            )
             .await
             .context("setting the prefetch")?;
-        let dead_letters = conn.create_channel().await.context("opening the dead-letter channel")?;
+        let dead_letters = conn
+            .create_channel()
+            .await
+            .context("opening the dead-letter channel")?;
         dead_letters
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -184,16 +201,27 @@ impl Processor {
             })
             .collect();
 
-        let candidates: Vec<(String, Uuid)> = parsed.iter().filter_map(|p| p.outcome.clone().ok()).collect();
+        let candidates: Vec<(String, Uuid)> = parsed
+            .iter()
+            .filter_map(|p| p.outcome.clone().ok())
+            .collect();
         let (known, fresh) = if candidates.is_empty() {
             (Vec::new(), Vec::new())
         } else {
-            let mut db = self.shared.pool.get().await.context("getting a database connection")?;
+            let mut db = self
+                .shared
+                .pool
+                .get()
+                .await
+                .context("getting a database connection")?;
             let work = db.transaction::<_, DieselError, _>(async |c| {
                 let order_ids: Vec<Uuid> = candidates.iter().map(|(_, id)| *id).collect();
                 let known = orders::existing_ids(c, &order_ids).await?;
-                let entries: Vec<(String, Uuid)> =
-                    candidates.iter().filter(|(_, id)| known.contains(id)).cloned().collect();
+                let entries: Vec<(String, Uuid)> = candidates
+                    .iter()
+                    .filter(|(_, id)| known.contains(id))
+                    .cloned()
+                    .collect();
                 let fresh = inbox::record_new(c, &entries).await?;
                 let fresh_orders: Vec<Uuid> = entries
                     .iter()
@@ -205,7 +233,9 @@ impl Processor {
             });
             timeout(BATCH_DEADLINE, work)
                 .await
-                .map_err(|_| anyhow::anyhow!("processing a batch took longer than {BATCH_DEADLINE:?}"))?
+                .map_err(|_| {
+                    anyhow::anyhow!("processing a batch took longer than {BATCH_DEADLINE:?}")
+                })?
                 .context("recording a batch in the inbox")?
         };
 
@@ -265,19 +295,24 @@ fn parse(delivery: &Delivery) -> Result<(String, Uuid), &'static str> {
         .map(|m| m.to_string())
         .filter(|m| !m.is_empty())
         .ok_or("no message_id")?;
-    let event: IncomingEvent = serde_json::from_slice(&delivery.data).map_err(|_| "body is not an order event")?;
+    let event: IncomingEvent =
+        serde_json::from_slice(&delivery.data).map_err(|_| "body is not an order event")?;
     Ok((message_id, event.order.id))
 }
 
 /// Publishes a copy of `delivery` to the dead-letter queue and waits for the
 /// broker's confirm; the caller acks the original only after that.
-async fn dead_letter(channel: &Channel, queue: &str, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
-    headers.insert("x-death-reason".into(), AMQPValue::LongString(reason.into()));
+async fn dead_letter(
+    channel: &Channel,
+    queue: &str,
+    delivery: &Delivery,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-death-reason".into(),
+        AMQPValue::LongString(reason.into()),
+    );
     headers.insert(
         "x-original-routing-key".into(),
         AMQPValue::LongString(delivery.routing_key.as_str().into()),

@@ -33,8 +33,8 @@ use chrono::Utc;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::{Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -107,18 +107,25 @@ impl Stage for Publisher {
     ) -> impl Future<Output = anyhow::Result<()>> + 'static {
         async move {
             let board = &self.shared.status;
-            let conn = match broker::connect(&self.shared.settings.amqp_url, "order-pipeline publisher").await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    board.set_broker(BrokerState::Down);
-                    return Err(e);
-                }
-            };
+            let conn =
+                match broker::connect(&self.shared.settings.amqp_url, "order-pipeline publisher")
+                    .await
+                {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        board.set_broker(BrokerState::Down);
+                        return Err(e);
+                    }
+                };
             let result = self.run_connected(&conn, &cancel, &connected).await;
             if !conn.status().connected() {
                 board.set_broker(BrokerState::Down);
             }
-            let _ = timeout(Duration::from_secs(1), conn.close(200, "publisher stopping".into())).await;
+            let _ = timeout(
+                Duration::from_secs(1),
+                conn.close(200, "publisher stopping".into()),
+            )
+            .await;
             result
         }
         .instrument(info_span!("stage", stage = Self::NAME))
@@ -160,7 +167,10 @@ impl Publisher {
     ) -> anyhow::Result<()> {
         let s = &self.shared;
         topology::declare(conn, &s.settings.amqp_exchange, &s.settings.amqp_queue).await?;
-        let channel = conn.create_channel().await.context("opening the publish channel")?;
+        let channel = conn
+            .create_channel()
+            .await
+            .context("opening the publish channel")?;
         // Confirms: a message counts as published only when the broker acked it.
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -215,7 +225,8 @@ impl Publisher {
 
     /// Waits for a wake-up, checking the connection every second.
     async fn idle(&self, conn: &Connection, cancel: &CancellationToken) {
-        let fallback = Instant::now() + self.shared.settings.tuning.sweep_interval * FALLBACK_SWEEPS;
+        let fallback =
+            Instant::now() + self.shared.settings.tuning.sweep_interval * FALLBACK_SWEEPS;
         loop {
             tokio::select! {
                 () = self.wake.notified() => return,
@@ -234,7 +245,9 @@ impl Publisher {
         let board = &self.shared.status;
         board.set_broker(BrokerState::Blocked);
         board.publisher.set(StageState::Blocked);
-        warn!("the broker blocked the connection (flow control); claiming nothing until it unblocks");
+        warn!(
+            "the broker blocked the connection (flow control); claiming nothing until it unblocks"
+        );
         while conn.status().blocked() && conn.status().connected() && !cancel.is_cancelled() {
             tokio::select! {
                 () = sleep(Duration::from_millis(100)) => {}
@@ -250,12 +263,20 @@ impl Publisher {
     }
 
     /// One claim → publish → confirm → record cycle, in one transaction.
-    async fn publish_batch(&self, conn: &Connection, channel: &Channel) -> anyhow::Result<BatchOutcome> {
+    async fn publish_batch(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+    ) -> anyhow::Result<BatchOutcome> {
         let s = &self.shared;
         let tuning = &s.settings.tuning;
         // Bounds the whole transaction even if the database stops answering.
         let deadline = tuning.confirm_timeout + BLOCKED_MAX_WAIT + storage::STATEMENT_TIMEOUT * 4;
-        let mut db = s.pool.get().await.context("getting a database connection")?;
+        let mut db = s
+            .pool
+            .get()
+            .await
+            .context("getting a database connection")?;
         let work = db.transaction::<_, DieselError, _>(async |c| {
             let rows = outbox::claim_due(c, tuning.publish_batch_size).await?;
             if rows.is_empty() {
@@ -298,7 +319,8 @@ impl Publisher {
         let mut channel_error = None;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in rows {
-            let body = serde_json::to_vec(&row.payload).unwrap_or_else(|e| unreachable!("JSON serialises: {e}"));
+            let body = serde_json::to_vec(&row.payload)
+                .unwrap_or_else(|e| unreachable!("JSON serialises: {e}"));
             let publish = channel.basic_publish(
                 exchange.clone(),
                 row.routing_key.as_str().into(),
@@ -319,7 +341,8 @@ impl Publisher {
                 // A blocked connection stops taking frames; the rows stay for later.
                 Err(_) if conn.status().blocked() => break,
                 Err(_) => {
-                    channel_error = Some("a publish was not accepted before the confirm deadline".into());
+                    channel_error =
+                        Some("a publish was not accepted before the confirm deadline".into());
                     break;
                 }
             }
@@ -330,9 +353,14 @@ impl Publisher {
         }
         sent.resize_with(rows.len(), || Sent::Unknown { reason: "not_sent" });
         if channel_error.is_none()
-            && sent
-                .iter()
-                .any(|s| matches!(s, Sent::Unknown { reason: "channel" | "timeout" }))
+            && sent.iter().any(|s| {
+                matches!(
+                    s,
+                    Sent::Unknown {
+                        reason: "channel" | "timeout"
+                    }
+                )
+            })
         {
             channel_error = Some("confirms were lost or late".into());
         }
@@ -372,20 +400,33 @@ impl Publisher {
         }
         outbox::delete(c, &acked_ids).await?;
         orders::advance_status(c, &acked_orders, OrderStatus::Published).await?;
-        outbox::record_refusals(c, &refusals, tuning.publish_retry_base, tuning.publish_retry_max).await?;
+        outbox::record_refusals(
+            c,
+            &refusals,
+            tuning.publish_retry_base,
+            tuning.publish_retry_max,
+        )
+        .await?;
         let refused_ids: Vec<Uuid> = refusals.iter().map(|(id, _)| *id).collect();
         outbox::dead_letter_exhausted(c, &refused_ids, tuning.publish_max_attempts).await
     }
 
     /// Logs and counts a committed batch.
-    fn report(&self, Recorded { rows, sent, dead, .. }: &Recorded) {
+    fn report(
+        &self,
+        Recorded {
+            rows, sent, dead, ..
+        }: &Recorded,
+    ) {
         let s = &self.shared;
         let now = Utc::now();
         let mut published = 0;
         for (row, outcome) in rows.iter().zip(sent) {
             if matches!(outcome, Sent::Acked) {
                 let latency = (now - row.created_at).to_std().unwrap_or_default();
-                s.metrics.commit_to_confirm_seconds.observe(latency.as_secs_f64());
+                s.metrics
+                    .commit_to_confirm_seconds
+                    .observe(latency.as_secs_f64());
                 published += 1;
                 info!(
                     outbox.id = %row.id, order.id = %row.order_id, correlation_id = %row.correlation_id,

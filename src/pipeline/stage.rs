@@ -82,7 +82,9 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let step = self.next;
         self.next = (self.next * 2).min(Self::MAX);
-        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         step.mul_f64(1.0 - (random % 500) as f64 / 1000.0)
     }
 }

@@ -123,7 +123,10 @@ impl Watcher {
         .context("LISTEN")?;
         self.shared.status.watcher.set(StageState::Running);
         connected.mark();
-        info!(channel = outbox::NOTIFY_CHANNEL, "listening for outbox notifications");
+        info!(
+            channel = outbox::NOTIFY_CHANNEL,
+            "listening for outbox notifications"
+        );
         // Registered before this sweep, so nothing committed from now on is missed.
         self.publisher.do_send(Wake);
 
@@ -148,10 +151,13 @@ impl Watcher {
                 Some(Some(Err(e))) => return Err(e).context("the LISTEN connection failed"),
                 Some(None) => bail!("the LISTEN connection closed"),
                 None => {
-                    timeout(PING_TIMEOUT, diesel::sql_query("SELECT 1").execute(&mut conn))
-                        .await
-                        .map_err(|_| anyhow::anyhow!("the LISTEN connection stopped answering"))?
-                        .context("pinging the LISTEN connection")?;
+                    timeout(
+                        PING_TIMEOUT,
+                        diesel::sql_query("SELECT 1").execute(&mut conn),
+                    )
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the LISTEN connection stopped answering"))?
+                    .context("pinging the LISTEN connection")?;
                     self.shared.status.watcher.beat();
                 }
             }

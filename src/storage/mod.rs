@@ -66,12 +66,18 @@ pub enum Purpose {
 /// timeouts so that work abandoned by a client does not hold locks.
 pub fn connection_url(base: &str, purpose: Purpose) -> String {
     let mut params = vec![
-        ("connect_timeout".to_owned(), CONNECT_TIMEOUT_SECS.to_string()),
+        (
+            "connect_timeout".to_owned(),
+            CONNECT_TIMEOUT_SECS.to_string(),
+        ),
         ("keepalives_idle".to_owned(), "10".to_owned()),
         ("keepalives_interval".to_owned(), "5".to_owned()),
         ("keepalives_retries".to_owned(), "3".to_owned()),
         ("tcp_user_timeout".to_owned(), "15".to_owned()),
-        ("application_name".to_owned(), format!("order-pipeline-{purpose:?}").to_lowercase()),
+        (
+            "application_name".to_owned(),
+            format!("order-pipeline-{purpose:?}").to_lowercase(),
+        ),
     ];
     let options = match purpose {
         Purpose::Pool | Purpose::Listen => format!(
@@ -171,11 +177,14 @@ pub async fn ensure_database(database_url: &str) -> anyhow::Result<()> {
 
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let client = connect(&admin)
-        .await
-        .with_context(|| format!("database {dbname:?} does not exist; connecting to \"postgres\" to create it"))?;
+    let client = connect(&admin).await.with_context(|| {
+        format!("database {dbname:?} does not exist; connecting to \"postgres\" to create it")
+    })?;
     let quoted = format!("\"{}\"", dbname.replace('"', "\"\""));
-    match client.batch_execute(&format!("CREATE DATABASE {quoted}")).await {
+    match client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await
+    {
         Ok(()) => {
             tracing::info!(database = %dbname, "created the database");
             Ok(())
@@ -192,7 +201,9 @@ pub async fn ensure_database(database_url: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -222,8 +233,9 @@ pub fn migrate_blocking(database_url: &str) -> anyhow::Result<Vec<String>> {
     let _entered = runtime.enter();
 
     let url = connection_url(database_url, Purpose::Migrate);
-    let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
-        .context("connecting to Postgres to migrate")?;
+    let mut conn =
+        <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
+            .context("connecting to Postgres to migrate")?;
     use diesel::RunQueryDsl as _;
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .execute(&mut conn)
@@ -235,7 +247,8 @@ pub fn migrate_blocking(database_url: &str) -> anyhow::Result<Vec<String>> {
         .map(|v| v.to_string())
         .collect();
     // The lock also ends with the connection; this is the tidy path.
-    let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(&mut conn);
+    let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+        .execute(&mut conn);
     Ok(applied)
 }
 
@@ -250,7 +263,12 @@ mod tests {
         assert!(!url.contains("connect_timeout=3"));
         let config = parse_database_url(&url).expect("still parses");
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(9)));
-        assert!(config.get_options().unwrap_or("").contains("statement_timeout=5000"));
+        assert!(
+            config
+                .get_options()
+                .unwrap_or("")
+                .contains("statement_timeout=5000")
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ impl TryFrom<OrderRow> for Order {
 
     fn try_from(row: OrderRow) -> Result<Self, DieselError> {
         let status = OrderStatus::parse(&row.status).ok_or_else(|| {
-            DieselError::DeserializationError(format!("unknown order status {:?}", row.status).into())
+            DieselError::DeserializationError(
+                format!("unknown order status {:?}", row.status).into(),
+            )
         })?;
         let items: Vec<Item> = serde_json::from_value(row.items)
             .map_err(|e| DieselError::DeserializationError(Box::new(e)))?;
@@ -120,11 +122,15 @@ pub async fn advance_status(
     ids: &[Uuid],
     to: OrderStatus,
 ) -> QueryResult<usize> {
-    let from: Vec<&str> = [OrderStatus::Accepted, OrderStatus::Published, OrderStatus::Processed]
-        .into_iter()
-        .filter(|s| *s < to)
-        .map(OrderStatus::as_str)
-        .collect();
+    let from: Vec<&str> = [
+        OrderStatus::Accepted,
+        OrderStatus::Published,
+        OrderStatus::Processed,
+    ]
+    .into_iter()
+    .filter(|s| *s < to)
+    .map(OrderStatus::as_str)
+    .collect();
     if ids.is_empty() || from.is_empty() {
         return Ok(0);
     }

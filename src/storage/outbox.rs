@@ -44,7 +44,10 @@ pub struct OutboxMessage {
 }
 
 pub async fn insert(conn: &mut AsyncPgConnection, rows: &[NewOutboxRow<'_>]) -> QueryResult<usize> {
-    diesel::insert_into(outbox::table).values(rows).execute(conn).await
+    diesel::insert_into(outbox::table)
+        .values(rows)
+        .execute(conn)
+        .await
 }
 
 /// Signals the watchers of every process; delivered only if the surrounding
@@ -52,14 +55,19 @@ pub async fn insert(conn: &mut AsyncPgConnection, rows: &[NewOutboxRow<'_>]) -> 
 /// transaction into one, but call it once per transaction anyway: a notifying
 /// commit holds a cluster-wide lock until its WAL is flushed.
 pub async fn notify(conn: &mut AsyncPgConnection) -> QueryResult<usize> {
-    diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}")).execute(conn).await
+    diesel::sql_query(format!("NOTIFY {NOTIFY_CHANNEL}"))
+        .execute(conn)
+        .await
 }
 
 /// Locks and returns up to `limit` due rows, oldest first. Rows locked by
 /// another claimer are skipped, not waited for; a row in back-off is not due,
 /// so a failing message never holds up those behind it. The locks last as long
 /// as the caller's transaction, and end with its session if the process dies.
-pub async fn claim_due(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<OutboxMessage>> {
+pub async fn claim_due(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+) -> QueryResult<Vec<OutboxMessage>> {
     outbox::table
         .filter(outbox::next_attempt_at.le(diesel::dsl::now))
         .order(outbox::seq)

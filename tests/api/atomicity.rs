@@ -1,0 +1,137 @@
+//! The order and its outbox row commit in ONE transaction: if either insert
+//! fails, the client gets an error and neither row exists.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// Makes inserts into `table` fail for orders of `customer`, from inside the
+/// transaction, as a broken trigger or a full disk would.
+async fn fail_inserts_into(db: &TestDb, table: &str, customer: &str) {
+    let customer_of_row = match table {
+        "outbox" => "NEW.payload->'order'->>'customer_id'",
+        _ => "NEW.customer_id",
+    };
+    db.execute(&format!(
+        "CREATE FUNCTION fail_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF {customer_of_row} = '{customer}' THEN \
+           RAISE EXCEPTION 'injected failure on {table} insert'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fail_{table}();"
+    ))
+    .await;
+}
+
+async fn migrated_app(db: &TestDb, names: &Names) -> TestApp {
+    let app = TestApp::spawn(base_env(&db.url(), names)).await;
+    app.client.wait_ready().await;
+    app
+}
+
+#[tokio::test]
+async fn a_failing_outbox_insert_stores_no_order_and_tells_the_client() {
+    let (db, names) = (TestDb::create().await, Names::new());
+    let app = migrated_app(&db, &names).await;
+    fail_inserts_into(&db, "outbox", "doomed").await;
+
+    let r = app
+        .client
+        .post_order(&json!({"customer_id": "doomed", "currency": "EUR",
+                            "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]}))
+        .await;
+
+    assert_eq!(r.status(), 500);
+    let err: Value = r.json().await.expect("a JSON error");
+    assert_eq!(err["error"]["code"], "internal");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders").await,
+        0,
+        "the order outlived its outbox row"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM outbox").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_order_insert_stores_no_outbox_row() {
+    let (db, names) = (TestDb::create().await, Names::new());
+    let app = migrated_app(&db, &names).await;
+    fail_inserts_into(&db, "orders", "doomed").await;
+
+    let r = app
+        .client
+        .post_order(&json!({"customer_id": "doomed", "currency": "EUR",
+                            "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]}))
+        .await;
+
+    assert_eq!(r.status(), 500);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM outbox").await,
+        0,
+        "an outbox row without its order"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_failing_order_does_not_fail_the_orders_committed_with_it() {
+    // Concurrent orders share transactions (group commit); a failing one
+    // must not take the others down with it, nor slip through itself.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let spy = Spy::on(&names.exchange).await;
+    let app = migrated_app(&db, &names).await;
+    fail_inserts_into(&db, "outbox", "doomed").await;
+
+    let mut requests = Vec::new();
+    for i in 0..60 {
+        let customer = if i % 10 == 3 {
+            "doomed".to_owned()
+        } else {
+            format!("c-{i}")
+        };
+        let body = json!({"customer_id": customer, "currency": "EUR",
+                          "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]});
+        let client = reqwest::Client::new();
+        let url = app.client.url("/orders");
+        requests.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("POST");
+            let status = r.status().as_u16();
+            (customer, status, r.json::<Value>().await.expect("json"))
+        }));
+    }
+    let mut created = Vec::new();
+    for r in requests {
+        let (customer, status, body) = r.await.expect("request task");
+        if customer == "doomed" {
+            assert_eq!(status, 500, "{body}");
+        } else {
+            assert_eq!(status, 201, "{customer}: {body}");
+            created.push(body["id"].as_str().expect("id").to_owned());
+        }
+    }
+
+    assert_eq!(created.len(), 54);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 54);
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE customer_id = 'doomed'")
+            .await,
+        0
+    );
+    spy.wait_for_orders(&created, Duration::from_secs(15)).await;
+    app.stop().await;
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real service against real Postgres and RabbitMQ.
+//! Each test has its own database and its own exchange and queue names, so
+//! they run concurrently and repeatedly.
+
+mod helpers;
+
+mod atomicity;
+mod delivery;
+mod http_api;
+mod validation;
