@@ -6,5 +6,6 @@ mod helpers;
 
 mod atomicity;
 mod delivery;
+mod exactly_once;
 mod http_api;
 mod validation;
