@@ -6,7 +6,8 @@
 //! [`STALL_AFTER`], is reported, so a dead stage never hides behind a healthy
 //! readiness answer.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -24,6 +25,9 @@ pub enum StageState {
     Restarting,
     /// Broker flow control: connected but not allowed to publish.
     Blocked,
+    /// Connected, but its work keeps failing (e.g. the database refuses the
+    /// outbox writes); retrying with back-off.
+    Failing,
     /// Shutting down: finishing in-flight work, claiming nothing new.
     Draining,
     Stopped,
@@ -35,16 +39,6 @@ pub enum StageState {
 }
 
 impl StageState {
-    fn from_u8(v: u8) -> Self {
-        use StageState::*;
-        [
-            Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead,
-        ]
-        .get(v as usize)
-        .copied()
-        .unwrap_or(Dead)
-    }
-
     /// Whether this state lets the service call itself ready.
     pub fn is_healthy(self) -> bool {
         matches!(self, Self::Running | Self::Blocked | Self::Disabled)
@@ -52,20 +46,20 @@ impl StageState {
 }
 
 pub struct StageStatus {
-    state: AtomicU8,
+    state: Mutex<StageState>,
     last_beat_ms: AtomicI64,
 }
 
 impl StageStatus {
     fn new(state: StageState) -> Self {
         Self {
-            state: AtomicU8::new(state as u8),
+            state: Mutex::new(state),
             last_beat_ms: AtomicI64::new(0),
         }
     }
 
     pub fn set(&self, state: StageState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+        *lock(&self.state) = state;
         self.beat();
     }
 
@@ -75,7 +69,7 @@ impl StageStatus {
 
     /// The state, with a silent "running" stage reported as stalled.
     pub fn get(&self) -> StageState {
-        let state = StageState::from_u8(self.state.load(Ordering::Relaxed));
+        let state = *lock(&self.state);
         let silent = now_ms() - self.last_beat_ms.load(Ordering::Relaxed);
         if state == StageState::Running && silent > STALL_AFTER.as_millis() as i64 {
             StageState::Stalled
@@ -83,6 +77,11 @@ impl StageStatus {
             state
         }
     }
+}
+
+/// A poisoned lock still holds a valid state: a plain value, written whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn now_ms() -> i64 {
@@ -102,7 +101,7 @@ pub enum BrokerState {
 pub struct StatusBoard {
     /// Set once the embedded migrations have run; nothing touches the tables before.
     migrated: AtomicBool,
-    broker: AtomicU8,
+    broker: Mutex<BrokerState>,
     pub publisher: StageStatus,
     pub watcher: StageStatus,
     pub processor: StageStatus,
@@ -112,7 +111,7 @@ impl StatusBoard {
     pub fn new(processor_enabled: bool) -> Self {
         Self {
             migrated: AtomicBool::new(false),
-            broker: AtomicU8::new(BrokerState::Down as u8),
+            broker: Mutex::new(BrokerState::Down),
             publisher: StageStatus::new(StageState::Starting),
             watcher: StageStatus::new(StageState::Starting),
             processor: StageStatus::new(if processor_enabled {
@@ -132,15 +131,11 @@ impl StatusBoard {
     }
 
     pub fn broker(&self) -> BrokerState {
-        match self.broker.load(Ordering::Relaxed) {
-            0 => BrokerState::Up,
-            2 => BrokerState::Blocked,
-            _ => BrokerState::Down,
-        }
+        *lock(&self.broker)
     }
 
     pub fn set_broker(&self, state: BrokerState) {
-        self.broker.store(state as u8, Ordering::Relaxed);
+        *lock(&self.broker) = state;
     }
 
     pub fn stages(&self) -> [(&'static str, &StageStatus); 3] {
@@ -157,17 +152,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn states_round_trip_through_their_byte() {
-        use StageState::*;
-        for s in [
-            Starting, Running, Restarting, Blocked, Draining, Stopped, Disabled, Stalled, Dead,
-        ] {
-            assert_eq!(StageState::from_u8(s as u8), s);
-        }
-        let board = StatusBoard::new(true);
-        for b in [BrokerState::Up, BrokerState::Down, BrokerState::Blocked] {
-            board.set_broker(b);
-            assert_eq!(board.broker(), b);
-        }
+    fn a_silent_running_stage_reads_as_stalled() {
+        let stage = StageStatus::new(StageState::Starting);
+        stage.set(StageState::Failing);
+        assert_eq!(stage.get(), StageState::Failing);
+        stage.set(StageState::Running);
+        assert_eq!(stage.get(), StageState::Running);
+        stage.last_beat_ms.store(
+            now_ms() - STALL_AFTER.as_millis() as i64 - 1,
+            Ordering::Relaxed,
+        );
+        assert_eq!(stage.get(), StageState::Stalled);
+        assert!(!StageState::Stalled.is_healthy() && !StageState::Failing.is_healthy());
     }
 }

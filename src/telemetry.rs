@@ -11,9 +11,18 @@ use tracing_subscriber::EnvFilter;
 
 use crate::settings::LogFormat;
 
+/// lapin logs every returned (unroutable) message at `warn`, with its whole
+/// body; the publisher logs the refusal itself, once, with the ids that matter.
+const QUIET: &str = "lapin::returned_messages=error";
+
 /// Installs the global subscriber; a second call (tests) is a no-op.
 pub fn init(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = if filter.contains("lapin::returned_messages") {
+        filter.to_owned()
+    } else {
+        format!("{filter},{QUIET}")
+    };
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);

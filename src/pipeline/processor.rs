@@ -140,7 +140,7 @@ impl Processor {
         if !self.shared.wait_migrated(cancel).await? {
             return Ok(());
         }
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 settings.amqp_queue.as_str().into(),
                 format!("order-pipeline-processor-{}", Uuid::new_v4()).into(),
@@ -154,7 +154,37 @@ impl Processor {
         connected.mark();
         info!(queue = %settings.amqp_queue, "processor consuming");
 
-        let max_batch = usize::from(settings.tuning.processor_prefetch);
+        let result = self
+            .consume_until_cancelled(
+                &channel,
+                &dead_letters,
+                &dead_letter_queue,
+                consumer,
+                cancel,
+            )
+            .await;
+        // Closing the channel requeues what was prefetched but not acked. Closed
+        // before the connection is: lapin logs a channel still closing when its
+        // connection closes as a connection error.
+        for ch in [&channel, &dead_letters] {
+            let _ = timeout(
+                Duration::from_secs(1),
+                ch.close(200, "processor stopping".into()),
+            )
+            .await;
+        }
+        result
+    }
+
+    async fn consume_until_cancelled(
+        &self,
+        channel: &Channel,
+        dead_letters: &Channel,
+        dead_letter_queue: &str,
+        mut consumer: lapin::Consumer,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let max_batch = usize::from(self.shared.settings.tuning.processor_prefetch);
         loop {
             let first = tokio::select! {
                 d = consumer.next() => d,
@@ -176,7 +206,7 @@ impl Processor {
                     Some(None) | None => break,
                 }
             }
-            self.process_batch(&channel, &dead_letters, &dead_letter_queue, batch)
+            self.process_batch(channel, dead_letters, dead_letter_queue, batch)
                 .await?;
             self.shared.status.processor.beat();
             if let Some(e) = consumer_error {

@@ -17,7 +17,7 @@
 //!   the restart reconnects, re-declares the topology and replays. lapin's own
 //!   auto-recovery is off: the Supervisor is the one owner of recovery. A
 //!   database problem keeps the broker connection and retries the claim with
-//!   back-off. A crash after the broker's confirm and before the delete commits
+//!   back-off, reporting itself `failing` meanwhile. A crash after the broker's confirm and before the delete commits
 //!   re-publishes the same `message_id` (at-least-once; the processor dedups).
 //! - **Flow control**: while the broker blocks the connection it claims nothing,
 //!   so memory stays bounded by one batch.
@@ -183,7 +183,24 @@ impl Publisher {
         s.status.publisher.set(StageState::Running);
         connected.mark();
         info!("publisher connected; replaying the outbox backlog");
+        let result = self.publish_until_cancelled(conn, &channel, cancel).await;
+        // Closed before the connection is: lapin logs a channel that is still
+        // closing when its connection closes as a connection error.
+        let _ = timeout(
+            Duration::from_secs(1),
+            channel.close(200, "publisher stopping".into()),
+        )
+        .await;
+        result
+    }
 
+    async fn publish_until_cancelled(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let s = &self.shared;
         let mut db_backoff = Backoff::new();
         let batch_size = s.settings.tuning.publish_batch_size;
         loop {
@@ -200,9 +217,13 @@ impl Publisher {
                 self.wait_unblocked(conn, cancel).await;
                 continue;
             }
-            match self.publish_batch(conn, &channel).await {
+            match self.publish_batch(conn, channel).await {
                 Ok(outcome) => {
                     db_backoff.reset();
+                    if s.status.publisher.get() == StageState::Failing {
+                        info!("outbox batches succeed again");
+                        s.status.publisher.set(StageState::Running);
+                    }
                     s.status.publisher.beat();
                     if let Some(error) = outcome.channel_error {
                         bail!("the publish channel failed: {error}");
@@ -212,8 +233,10 @@ impl Publisher {
                     }
                 }
                 Err(e) => {
+                    // Not a broker problem, so no restart; but not healthy either.
+                    s.status.publisher.set(StageState::Failing);
                     let delay = db_backoff.next_delay();
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox claim failed; keeping the broker connection");
+                    warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox batch failed; keeping the broker connection");
                     tokio::select! {
                         () = sleep(delay) => {}
                         () = cancel.cancelled() => {}

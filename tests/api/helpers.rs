@@ -210,6 +210,35 @@ pub fn run_blocking<F: Future<Output = ()> + Send + 'static>(f: F) {
     .join();
 }
 
+/// Writes an order and its outbox row the way another writer would (the same
+/// transaction, optionally with the NOTIFY), routed with `routing_key`;
+/// returns the order id.
+pub async fn insert_behind_the_service(db: &TestDb, notify: bool, routing_key: &str) -> String {
+    let id = uuid::Uuid::new_v4();
+    let event = uuid::Uuid::new_v4();
+    let order = json!({"id": id, "status": "accepted", "correlation_id": "backdoor", "customer_id": "c",
+                       "currency": "EUR", "total_cents": 1,
+                       "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}],
+                       "created_at": "2026-01-01T00:00:00.000000Z"});
+    let payload = json!({"event_id": event, "type": "order.created", "occurred_at": order["created_at"], "order": order});
+    let notify = if notify {
+        "NOTIFY order_pipeline_outbox;"
+    } else {
+        ""
+    };
+    db.execute(&format!(
+        "BEGIN; \
+         INSERT INTO orders (id, correlation_id, customer_id, currency, total_cents, items, created_at) \
+           VALUES ('{id}', 'backdoor', 'c', 'EUR', 1, '{items}', now()); \
+         INSERT INTO outbox (id, order_id, event_type, routing_key, correlation_id, payload) \
+           VALUES ('{event}', '{id}', 'order.created', '{routing_key}', 'backdoor', '{payload}'); \
+         {notify} COMMIT;",
+        items = order["items"],
+    ))
+    .await;
+    id.to_string()
+}
+
 // ------------------------------------------------------------------ broker
 
 /// Exchange and queue names of one test; deleted at the end (also on panic).
@@ -884,4 +913,192 @@ async fn pump(state: Arc<ProxyState>, client: TcpStream, server: TcpStream) {
     }
     state.live.fetch_sub(1, SeqCst);
     // Dropping the halves closes both sockets.
+}
+
+// --------------------------------------------------------- load and checks
+
+/// Concurrent clients placing orders until stopped; remembers every order
+/// answered 201. Errors are expected while a fault lasts and are only counted.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<Mutex<Vec<String>>>,
+    errors: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, workers: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, accepted, errors, client) = (
+                    stop.clone(),
+                    accepted.clone(),
+                    errors.clone(),
+                    Client::new(port),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let sent = client
+                            .http
+                            .post(client.url("/orders"))
+                            .header("content-type", "application/json")
+                            .body(good_order().to_string())
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) if r.status() == 201 => {
+                                if let Ok(v) = r.json::<Value>().await {
+                                    let id = v["id"].as_str().unwrap_or_default().to_owned();
+                                    accepted.lock().expect("lock").push(id);
+                                }
+                            }
+                            _ => {
+                                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            accepted,
+            errors,
+            tasks,
+        }
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.accepted.lock().expect("lock").len()
+    }
+
+    pub fn errors(&self) -> usize {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more orders than now have been accepted.
+    pub async fn wait_for_more(&self, n: usize, timeout: Duration) {
+        let target = self.accepted_count() + n;
+        eventually(&format!("{target} accepted orders"), timeout, || async {
+            (self.accepted_count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.accepted.lock().expect("lock").clone()
+    }
+}
+
+/// The checker's verdict, in the vocabulary of RabbitMQ's Jepsen checker.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Answered 201, never published.
+    pub lost: Vec<String>,
+    /// Published, never stored.
+    pub unexpected: Vec<String>,
+    /// Message ids published more than once, with how many extra copies.
+    pub duplicated: Vec<(String, usize)>,
+}
+
+impl Verdict {
+    pub async fn of(accepted: &[String], spy: &Spy, db: &TestDb) -> Self {
+        let published: std::collections::HashSet<String> = spy.order_ids().into_iter().collect();
+        let stored: std::collections::HashSet<String> = db
+            .client()
+            .await
+            .query("SELECT id::text FROM orders", &[])
+            .await
+            .expect("orders")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut copies: HashMap<String, usize> = HashMap::new();
+        for m in spy.messages() {
+            *copies.entry(m.message_id()).or_default() += 1;
+        }
+        Self {
+            lost: accepted
+                .iter()
+                .filter(|id| !published.contains(*id))
+                .cloned()
+                .collect(),
+            unexpected: published
+                .iter()
+                .filter(|id| !stored.contains(*id))
+                .cloned()
+                .collect(),
+            duplicated: copies
+                .into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|(id, n)| (id, n - 1))
+                .collect(),
+        }
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.duplicated.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Fails with example ids when anything was lost or unexpected.
+    pub fn assert_nothing_lost_or_unexpected(&self) {
+        assert!(
+            self.lost.is_empty(),
+            "LOST: {} orders answered 201 were never published, e.g. {:?}",
+            self.lost.len(),
+            &self.lost[..self.lost.len().min(5)]
+        );
+        assert!(
+            self.unexpected.is_empty(),
+            "UNEXPECTED: {} published orders were never stored, e.g. {:?}",
+            self.unexpected.len(),
+            &self.unexpected[..self.unexpected.len().min(5)]
+        );
+    }
+}
+
+pub async fn wait_outbox_drained(db: &TestDb, timeout: Duration) {
+    eventually("the outbox to drain", timeout, || async {
+        (db.count("SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+}
+
+/// Runs `rabbitmqctl` (the broker's own admin tool) and fails the test if it fails.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(&args)
+        .output()
+        .await
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
 }

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod atomicity;
+mod chaos;
 mod delivery;
 mod exactly_once;
 mod http_api;
