@@ -10,7 +10,7 @@
 //!   effect per order.
 //! - **Poison**: a delivery that can never be processed (no `message_id`, a body
 //!   that is not the event JSON, an unknown order) is published with confirms to
-//!   its dead-letter queue `$AMQP_QUEUE.dead-letter` (reason in the
+//!   its dead-letter queue `$AMQP_QUEUE.dead-letter` (declared on first use; reason in the
 //!   `x-death-reason` header) and then acked: never redelivered in a hot loop,
 //!   never silently dropped. (Re-publishing instead of `reject` keeps the main
 //!   queue free of dead-letter arguments, so an operator's own declaration of it
@@ -21,6 +21,7 @@
 //! - **Stops**: on [`Drain`](super::Drain) it finishes and acks the batch in hand,
 //!   then closes the channel; deliveries prefetched but not started are requeued.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -114,8 +115,6 @@ impl Processor {
     ) -> anyhow::Result<()> {
         let settings = &self.shared.settings;
         topology::declare(conn, &settings.amqp_exchange, &settings.amqp_queue).await?;
-        let dead_letter_queue = settings.processor_dead_letter_queue();
-        topology::declare_queue(conn, &dead_letter_queue).await?;
 
         let channel = conn
             .create_channel()
@@ -129,11 +128,17 @@ impl Processor {
             )
             .await
             .context("setting the prefetch")?;
-        let dead_letters = conn
-            .create_channel()
-            .await
-            .context("opening the dead-letter channel")?;
+        let dead_letters = DeadLetters {
+            conn,
+            channel: conn
+                .create_channel()
+                .await
+                .context("opening the dead-letter channel")?,
+            queue: settings.processor_dead_letter_queue(),
+            declared: Cell::new(false),
+        };
         dead_letters
+            .channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enabling confirms for dead-lettering")?;
@@ -155,18 +160,12 @@ impl Processor {
         info!(queue = %settings.amqp_queue, "processor consuming");
 
         let result = self
-            .consume_until_cancelled(
-                &channel,
-                &dead_letters,
-                &dead_letter_queue,
-                consumer,
-                cancel,
-            )
+            .consume_until_cancelled(&channel, &dead_letters, consumer, cancel)
             .await;
         // Closing the channel requeues what was prefetched but not acked. Closed
         // before the connection is: lapin logs a channel still closing when its
         // connection closes as a connection error.
-        for ch in [&channel, &dead_letters] {
+        for ch in [&channel, &dead_letters.channel] {
             let _ = timeout(
                 Duration::from_secs(1),
                 ch.close(200, "processor stopping".into()),
@@ -179,8 +178,7 @@ impl Processor {
     async fn consume_until_cancelled(
         &self,
         channel: &Channel,
-        dead_letters: &Channel,
-        dead_letter_queue: &str,
+        dead_letters: &DeadLetters<'_>,
         mut consumer: lapin::Consumer,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -206,8 +204,7 @@ impl Processor {
                     Some(None) | None => break,
                 }
             }
-            self.process_batch(channel, dead_letters, dead_letter_queue, batch)
-                .await?;
+            self.process_batch(channel, dead_letters, batch).await?;
             self.shared.status.processor.beat();
             if let Some(e) = consumer_error {
                 return Err(e).context("the consumer failed");
@@ -218,8 +215,7 @@ impl Processor {
     async fn process_batch(
         &self,
         channel: &Channel,
-        dead_letters: &Channel,
-        dead_letter_queue: &str,
+        dead_letters: &DeadLetters<'_>,
         batch: Vec<Delivery>,
     ) -> anyhow::Result<()> {
         let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
@@ -298,12 +294,12 @@ impl Processor {
 
         for p in parsed.iter().filter(|p| p.outcome.is_err()) {
             let reason = p.outcome.as_ref().err().copied().unwrap_or("unprocessable");
-            dead_letter(dead_letters, dead_letter_queue, &p.delivery, reason).await?;
+            dead_letters.send(&p.delivery, reason).await?;
             metrics.processor_dead_lettered.inc();
             warn!(
                 reason,
                 message_id = ?p.delivery.properties.message_id().as_ref().map(|m| m.to_string()),
-                dead_letter_queue,
+                dead_letter_queue = %dead_letters.queue,
                 "undeliverable message moved to the dead-letter queue"
             );
         }
@@ -330,9 +326,29 @@ fn parse(delivery: &Delivery) -> Result<(String, Uuid), &'static str> {
     Ok((message_id, event.order.id))
 }
 
-/// Publishes a copy of `delivery` to the dead-letter queue and waits for the
-/// broker's confirm; the caller acks the original only after that.
-async fn dead_letter(
+/// The processor's dead-letter queue, declared on first use: a run that never
+/// meets a poison message leaves no extra queue behind.
+struct DeadLetters<'a> {
+    conn: &'a Connection,
+    /// In confirm mode.
+    channel: Channel,
+    queue: String,
+    declared: Cell<bool>,
+}
+
+impl DeadLetters<'_> {
+    /// Publishes a copy of `delivery` to the dead-letter queue and waits for the
+    /// broker's confirm; the caller acks the original only after that.
+    async fn send(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {
+        if !self.declared.get() {
+            topology::declare_queue(self.conn, &self.queue).await?;
+            self.declared.set(true);
+        }
+        publish_dead_letter(&self.channel, &self.queue, delivery, reason).await
+    }
+}
+
+async fn publish_dead_letter(
     channel: &Channel,
     queue: &str,
     delivery: &Delivery,

@@ -47,7 +47,7 @@ use super::{Shared, Wake};
 use crate::broker::{self, message, topology};
 use crate::domain::OrderStatus;
 use crate::metrics::Metrics;
-use crate::status::{BrokerState, StageState, StageStatus};
+use crate::status::{BrokerState, StageState, StageStatus, StatusBoard};
 use crate::storage::outbox::{self, OutboxMessage};
 use crate::storage::{self, orders};
 
@@ -372,7 +372,7 @@ impl Publisher {
         }
         let mut sent = Vec::with_capacity(rows.len());
         for confirm in confirms {
-            sent.push(await_confirm(conn, confirm, deadline).await);
+            sent.push(await_confirm(conn, confirm, deadline, &self.shared.status).await);
         }
         sent.resize_with(rows.len(), || Sent::Unknown { reason: "not_sent" });
         if channel_error.is_none()
@@ -467,7 +467,12 @@ impl Publisher {
 }
 
 /// Awaits one confirm until `deadline`, longer while the broker blocks us.
-async fn await_confirm(conn: &Connection, confirm: PublisherConfirm, deadline: Instant) -> Sent {
+async fn await_confirm(
+    conn: &Connection,
+    confirm: PublisherConfirm,
+    deadline: Instant,
+    board: &StatusBoard,
+) -> Sent {
     let mut confirm = pin!(confirm);
     let give_up = deadline + BLOCKED_MAX_WAIT;
     let mut until = deadline;
@@ -492,6 +497,9 @@ async fn await_confirm(conn: &Connection, confirm: PublisherConfirm, deadline: I
             Ok(Ok(Confirmation::NotRequested)) => return Sent::Unknown { reason: "channel" },
             Ok(Err(_)) => return Sent::Unknown { reason: "channel" },
             Err(_) if conn.status().blocked() && Instant::now() < give_up => {
+                // Say so now, not only once this batch is given up on.
+                board.set_broker(BrokerState::Blocked);
+                board.publisher.set(StageState::Blocked);
                 until = (Instant::now() + IDLE_CHECK).min(give_up);
             }
             Err(_) if conn.status().blocked() => return Sent::Unknown { reason: "blocked" },
