@@ -245,6 +245,42 @@ async fn an_idempotency_key_replays_the_same_body_and_refuses_another() {
 }
 
 #[tokio::test]
+async fn an_expired_idempotency_key_is_forgotten_and_may_create_a_new_order() {
+    use diesel_async::AsyncConnection as _;
+    use order_pipeline::storage::orders;
+
+    let (db, names) = (TestDb::create().await, Names::new());
+    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
+    app.client.wait_ready().await;
+    let key = [("Idempotency-Key", "old-key")];
+    let first = app.client.post_order_with(&good_order(), &key).await;
+    assert_eq!(first.status(), 201);
+
+    // What the persist stage's expiry round does, with "now" a day ahead.
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url())
+        .await
+        .expect("connect");
+    let a_day_later = chrono::Utc::now() + chrono::Duration::hours(24);
+    let recent = orders::expire_idempotency_keys(
+        &mut conn,
+        chrono::Utc::now() - chrono::Duration::hours(24),
+        1000,
+    )
+    .await
+    .expect("expire");
+    assert_eq!(recent, 0, "a key younger than its time to live is kept");
+    let expired = orders::expire_idempotency_keys(&mut conn, a_day_later, 1000)
+        .await
+        .expect("expire");
+    assert_eq!(expired, 1);
+
+    let again = app.client.post_order_with(&good_order(), &key).await;
+    assert_eq!(again.status(), 201, "a forgotten key creates a new order");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_late_published_never_moves_a_processed_order_back() {
     use diesel_async::AsyncConnection as _;
     use order_pipeline::domain::OrderStatus;

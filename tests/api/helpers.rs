@@ -645,8 +645,13 @@ impl Drop for TestApp {
     }
 }
 
+/// The in-process service logs through libtest's capture, so that only a
+/// failing test shows them (`TEST_LOG=info` to see more than warnings).
 fn init_test_logs(settings: &Settings) {
-    order_pipeline::telemetry::init(&settings.log_filter, settings.log_format);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_filter))
+        .with_test_writer()
+        .try_init();
 }
 
 /// The real binary as a child process, logging to a file.
