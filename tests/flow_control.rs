@@ -9,6 +9,7 @@ mod helpers;
 use std::time::Duration;
 
 use helpers::*;
+use order_pipeline::pipeline::publisher::BATCHES_IN_FLIGHT;
 
 /// Restores the broker's watermark even when the test fails.
 struct Watermark(Vec<String>);

@@ -25,6 +25,7 @@
 //!   one in flight (awaits its confirms, commits), and closes the connection.
 
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -32,6 +33,8 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
@@ -59,20 +62,29 @@ pub const BLOCKED_MAX_WAIT: Duration = Duration::from_secs(60);
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// With no wake-up at all, look at the outbox after this many sweep intervals.
 const FALLBACK_SWEEPS: u32 = 5;
+/// Batches in flight at once. Two overlap one batch's confirm wait and
+/// database writes with the next one's claim and sends: the confirm window is
+/// `BATCHES_IN_FLIGHT × PUBLISH_BATCH_SIZE` messages.
+pub const BATCHES_IN_FLIGHT: usize = 2;
 
 pub type PublisherActor = StageActor<Publisher>;
 
 #[derive(Clone)]
 pub struct Publisher {
     shared: Shared,
-    wake: std::sync::Arc<Notify>,
+    wake: Arc<Notify>,
+    /// Held from a batch's claim until its last publish is sent: batches in
+    /// flight overlap their confirm waits and database writes, never their
+    /// sends, so messages leave in claim order.
+    send_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Publisher {
     pub fn new(shared: Shared) -> Self {
         Self {
             shared,
-            wake: std::sync::Arc::new(Notify::new()),
+            wake: Arc::new(Notify::new()),
+            send_turn: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 }
@@ -203,21 +215,43 @@ impl Publisher {
         let s = &self.shared;
         let mut db_backoff = Backoff::new();
         let batch_size = s.settings.tuning.publish_batch_size;
+        let mut in_flight = FuturesUnordered::new();
+        // Set when a batch came back short: nothing more is due until a wake-up.
+        let mut drained = false;
+        let mut failure: Option<anyhow::Error> = None;
         loop {
-            if cancel.is_cancelled() {
-                return Ok(());
+            let stop = cancel.is_cancelled() || failure.is_some();
+            let can_start = !stop && !drained && in_flight.len() < BATCHES_IN_FLIGHT;
+            if can_start {
+                if Faults::take(&s.faults.publisher_loop_panics) {
+                    panic!("injected fault: panic in the publisher's work loop");
+                }
+                if !conn.status().connected() {
+                    failure = Some(anyhow::anyhow!("the broker connection was lost"));
+                    continue;
+                }
+                if !conn.status().blocked() {
+                    in_flight.push(self.publish_batch(conn, channel));
+                    continue;
+                }
             }
-            if Faults::take(&s.faults.publisher_loop_panics) {
-                panic!("injected fault: panic in the publisher's work loop");
-            }
-            if !conn.status().connected() {
-                bail!("the broker connection was lost");
-            }
-            if conn.status().blocked() {
-                self.wait_unblocked(conn, cancel).await;
+            // Nothing more to start: wait for a batch, or for a reason to start one.
+            let Some(result) = in_flight.next().await else {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+                if conn.status().blocked() {
+                    self.wait_unblocked(conn, cancel).await;
+                } else {
+                    self.idle(conn, cancel).await;
+                }
+                drained = false;
                 continue;
-            }
-            match self.publish_batch(conn, channel).await {
+            };
+            match result {
                 Ok(outcome) => {
                     db_backoff.reset();
                     if s.status.publisher.get() == StageState::Failing {
@@ -226,11 +260,13 @@ impl Publisher {
                     }
                     s.status.publisher.beat();
                     if let Some(error) = outcome.channel_error {
-                        bail!("the publish channel failed: {error}");
+                        // Finish the other batch in flight (it records what it
+                        // knows), then restart on a new channel.
+                        failure.get_or_insert_with(|| {
+                            anyhow::anyhow!("the publish channel failed: {error}")
+                        });
                     }
-                    if (outcome.claimed as i64) < batch_size {
-                        self.idle(conn, cancel).await;
-                    }
+                    drained |= (outcome.claimed as i64) < batch_size;
                 }
                 Err(e) => {
                     // Not a broker problem, so no restart; but not healthy either.
@@ -301,11 +337,14 @@ impl Publisher {
             .await
             .context("getting a database connection")?;
         let work = db.transaction::<_, DieselError, _>(async |c| {
+            let turn = self.send_turn.lock().await;
             let rows = outbox::claim_due(c, tuning.publish_batch_size).await?;
             if rows.is_empty() {
                 return Ok(None);
             }
-            let (sent, channel_error) = self.send_and_confirm(conn, channel, &rows).await;
+            let (confirms, send_error) = self.send(conn, channel, &rows).await;
+            drop(turn);
+            let (sent, channel_error) = self.confirm(conn, confirms, send_error, rows.len()).await;
             let dead = self.record(c, &rows, &sent).await?;
             Ok(Some(Recorded {
                 rows,
@@ -329,17 +368,17 @@ impl Publisher {
         })
     }
 
-    /// Publishes every row without waiting, then awaits each confirm.
-    async fn send_and_confirm(
+    /// Publishes every row without waiting for confirms; stops at the first
+    /// row the channel does not take (the error says why, if it is one).
+    async fn send(
         &self,
         conn: &Connection,
         channel: &Channel,
         rows: &[OutboxMessage],
-    ) -> (Vec<Sent>, Option<String>) {
+    ) -> (Vec<(PublisherConfirm, Instant)>, Option<String>) {
         let settings = &self.shared.settings;
         let exchange: lapin::types::ShortString = settings.amqp_exchange.as_str().into();
         let deadline = Instant::now() + settings.tuning.confirm_timeout;
-        let mut channel_error = None;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in rows {
             let body = serde_json::to_vec(&row.payload)
@@ -356,25 +395,33 @@ impl Publisher {
                 message::properties(row),
             );
             match timeout_at(deadline, publish).await {
-                Ok(Ok(confirm)) => confirms.push(confirm),
-                Ok(Err(e)) => {
-                    channel_error = Some(format!("publish failed: {e}"));
-                    break;
-                }
+                Ok(Ok(confirm)) => confirms.push((confirm, deadline)),
+                Ok(Err(e)) => return (confirms, Some(format!("publish failed: {e}"))),
                 // A blocked connection stops taking frames; the rows stay for later.
                 Err(_) if conn.status().blocked() => break,
                 Err(_) => {
-                    channel_error =
-                        Some("a publish was not accepted before the confirm deadline".into());
-                    break;
+                    let error = "a publish was not accepted before the confirm deadline";
+                    return (confirms, Some(error.into()));
                 }
             }
         }
-        let mut sent = Vec::with_capacity(rows.len());
-        for confirm in confirms {
+        (confirms, None)
+    }
+
+    /// Awaits the confirms of a batch of `rows` sent messages; the rows after
+    /// the last sent one are "not sent".
+    async fn confirm(
+        &self,
+        conn: &Connection,
+        confirms: Vec<(PublisherConfirm, Instant)>,
+        mut channel_error: Option<String>,
+        rows: usize,
+    ) -> (Vec<Sent>, Option<String>) {
+        let mut sent = Vec::with_capacity(rows);
+        for (confirm, deadline) in confirms {
             sent.push(await_confirm(conn, confirm, deadline, &self.shared.status).await);
         }
-        sent.resize_with(rows.len(), || Sent::Unknown { reason: "not_sent" });
+        sent.resize_with(rows, || Sent::Unknown { reason: "not_sent" });
         if channel_error.is_none()
             && sent.iter().any(|s| {
                 matches!(
