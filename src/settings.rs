@@ -36,8 +36,9 @@ pub struct Tuning {
     /// publisher without a notification. The longest a lost NOTIFY delays a
     /// message, and the granularity of retry back-off.
     pub sweep_interval: Duration,
-    /// `PUBLISH_BATCH_SIZE` (default 256): outbox rows claimed per batch, which is
-    /// also the confirm window (publishes in flight before confirms are awaited).
+    /// `PUBLISH_BATCH_SIZE` (default 256): outbox rows claimed per batch. Two
+    /// batches are in flight at once, so the confirm window (publishes sent
+    /// before their confirms are awaited) is twice this.
     pub publish_batch_size: i64,
     /// `PUBLISH_MAX_ATTEMPTS` (default 10): broker refusals (nack or return) after
     /// which a message is dead-lettered.

@@ -6,7 +6,8 @@
 //! - **Reads/writes**: claims up to `PUBLISH_BATCH_SIZE` due rows with
 //!   `FOR UPDATE SKIP LOCKED` in a transaction, publishes them all (mandatory,
 //!   persistent, SPEC §3 properties) without waiting, then awaits their
-//!   confirms under one deadline (the confirm window is the batch). In the same
+//!   confirms under one deadline. Two batches are in flight: one awaits its
+//!   confirms while the next is claimed and sent (sends stay in claim order). In the same
 //!   transaction it deletes the acked rows, marks their orders `published`
 //!   (forward only) and records refusals. Only `Ack` without a return counts
 //!   as published; a nack or a return adds an attempt and an exponential
