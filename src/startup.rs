@@ -247,10 +247,10 @@ impl Application {
         {
             forced.push("publisher");
         }
-        if let Some(processor) = &stages.processor {
-            if timeout_at(deadline, processor.send(Drain)).await.is_err() {
-                forced.push("processor");
-            }
+        if let Some(processor) = &stages.processor
+            && timeout_at(deadline, processor.send(Drain)).await.is_err()
+        {
+            forced.push("processor");
         }
         if timeout_at(deadline, stages.watcher.send(Drain))
             .await

@@ -101,7 +101,17 @@ async fn fault_10_flow_control_stops_claiming_keeps_accepting_and_memory_stays_b
     spy.wait_for_orders(&accepted, Duration::from_secs(90))
         .await;
     wait_outbox_drained(&db, Duration::from_secs(30)).await;
-    c.wait_ready().await;
+    let (_, ready) = eventually(
+        "readiness to report the broker up again",
+        Duration::from_secs(10),
+        || async {
+            c.ready().await.filter(|(status, b)| {
+                *status == 200 && b["broker"] == "up" && b["publisher"] == "running"
+            })
+        },
+    )
+    .await;
+    assert_eq!(ready["broker"], "up");
     Verdict::of(&accepted, &spy, &db)
         .await
         .assert_nothing_lost_or_unexpected();

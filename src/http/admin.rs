@@ -94,11 +94,14 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), AdminError> {
     let expected = state.admin_token.as_deref().ok_or(AdminError::Disabled)?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .ok_or(AdminError::Unauthorized)?;
     if same_secret(given.trim().as_bytes(), expected.as_bytes()) {
         Ok(())
@@ -143,10 +146,19 @@ pub struct PageQuery {
     after: Option<String>,
 }
 
+/// The latest instant a cursor may name (9999-12-31T23:59:59.999999Z): every
+/// cursor this API hands out is a recent `dead_at`, and chrono's range is wider
+/// than Postgres's.
+const CURSOR_MAX_MICROS: i64 = 253_402_300_799_999_999;
+
 fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let (micros, id) = cursor.split_once('_')?;
+    let micros: i64 = micros
+        .parse()
+        .ok()
+        .filter(|m| (0..=CURSOR_MAX_MICROS).contains(m))?;
     Some((
-        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        DateTime::from_timestamp_micros(micros)?,
         Uuid::try_parse(id).ok()?,
     ))
 }
@@ -233,5 +245,15 @@ mod tests {
             Some((at, id))
         );
         assert_eq!(parse_cursor("garbage"), None);
+        let nil = Uuid::nil();
+        assert_eq!(
+            parse_cursor(&format!("-211000000000000000_{nil}")),
+            None,
+            "before what Postgres holds"
+        );
+        assert_eq!(
+            parse_cursor(&format!("{}_{nil}", CURSOR_MAX_MICROS + 1)),
+            None
+        );
     }
 }

@@ -15,7 +15,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{HttpMessage as _, HttpResponse, web};
+use actix_web::{HttpMessage as _, HttpResponse, guard, web};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -39,6 +39,11 @@ pub struct AppState {
     pub admin_token: Option<String>,
 }
 
+/// GET, and HEAD wherever GET is (RFC 9110; actix drops the body of a HEAD answer).
+fn get() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
 /// Every route of SPEC §2. Each resource answers any other method with a
 /// JSON 405 naming the ones it allows.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -49,38 +54,38 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource("/orders/{id}")
-            .route(web::get().to(orders::get))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(orders::get))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/health/live")
-            .route(web::get().to(health::live))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(health::live))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/health/ready")
-            .route(web::get().to(health::ready))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(health::ready))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/metrics")
-            .route(web::get().to(metrics::metrics))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(metrics::metrics))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/openapi.json")
-            .route(web::get().to(openapi::document))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(openapi::document))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/outbox")
-            .route(web::get().to(admin::summary))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(admin::summary))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/outbox/dead")
-            .route(web::get().to(admin::list_dead))
-            .default_service(web::to(|| method_not_allowed("GET"))),
+            .route(get().to(admin::list_dead))
+            .default_service(web::to(|| method_not_allowed("GET, HEAD"))),
     )
     .service(
         web::resource("/outbox/dead/{id}/requeue")
@@ -113,6 +118,22 @@ pub fn is_visible_ascii(s: &str, max: usize) -> bool {
     (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Methods are a client's free text: anything but the standard ones counts
+/// as "other", so that made-up methods cannot grow the metrics without bound.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Per request: a span with the route and correlation id, the correlation id
 /// echoed on every response, and the request counted by route and status.
 pub async fn observe(
@@ -131,10 +152,10 @@ pub async fn observe(
     let metrics = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.metrics.clone());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let span = tracing::info_span!(
         "http",
-        http.method = %method,
+        http.method = %req.method(),
         http.path = %req.path(),
         correlation_id = %correlation_id,
     );
@@ -153,7 +174,7 @@ pub async fn observe(
             .http_requests
             .get_or_create(&HttpLabels {
                 route,
-                method,
+                method: method.to_owned(),
                 status: res.status().as_u16(),
             })
             .inc();

@@ -26,11 +26,16 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 /// SPEC §2: an unreachable database is answered with 503 within 5 s.
 pub const REQUEST_DEADLINE: Duration = Duration::from_millis(4500);
+/// A body that trickles in slower than this is refused: a client must not hold
+/// a connection and a worker's attention by sending a byte a second.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrdersError {
-    #[error("Content-Type must be application/json")]
-    UnsupportedMediaType,
+    #[error("{0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("the request body did not arrive within {BODY_READ_TIMEOUT:?}")]
+    BodyTimeout,
     #[error("the request body is larger than {MAX_BODY_BYTES} bytes")]
     PayloadTooLarge,
     #[error("the request body is not valid JSON: {0}")]
@@ -52,7 +57,8 @@ pub enum OrdersError {
 impl ResponseError for OrdersError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::InvalidId(_) => StatusCode::BAD_REQUEST,
             Self::Validation(_) | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -64,7 +70,8 @@ impl ResponseError for OrdersError {
 
     fn error_response(&self) -> HttpResponse {
         let code = match self {
-            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::BodyTimeout => "request_timeout",
             Self::PayloadTooLarge => "payload_too_large",
             Self::MalformedJson(_) => "malformed_json",
             Self::Validation(_) => "validation_failed",
@@ -167,21 +174,64 @@ fn order_response(status: StatusCode, order: &Order) -> HttpResponse {
     builder.json(order)
 }
 
+/// `application/json`, in UTF-8 (the only encoding of JSON we read), not
+/// compressed.
 fn require_json(headers: &HeaderMap) -> Result<(), OrdersError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
-    if essence.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(OrdersError::UnsupportedMediaType)
+    let mut parts = content_type.split(';').map(str::trim);
+    if !parts
+        .next()
+        .is_some_and(|essence| essence.eq_ignore_ascii_case("application/json"))
+    {
+        return Err(OrdersError::UnsupportedMediaType(
+            "Content-Type must be application/json",
+        ));
     }
+    for param in parts {
+        if let Some((name, value)) = param.split_once('=') {
+            let value = value.trim().trim_matches('"');
+            if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
+                return Err(OrdersError::UnsupportedMediaType(
+                    "the body must be UTF-8 (charset=utf-8)",
+                ));
+            }
+        }
+    }
+    let encoded = headers.get_all(header::CONTENT_ENCODING).any(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    });
+    if encoded {
+        return Err(OrdersError::UnsupportedMediaType(
+            "Content-Encoding is not supported; send the body as is",
+        ));
+    }
+    Ok(())
+}
+
+/// The value of a header that may be given at most once.
+fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+    shown: &str,
+) -> Result<Option<&'a header::HeaderValue>, OrdersError> {
+    let mut values = headers.get_all(name);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ValidationError {
+            field: shown.into(),
+            message: "must be given at most once".into(),
+        }
+        .into());
+    }
+    Ok(first)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OrdersError> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+    let Some(value) = single_header(headers, IDEMPOTENCY_KEY, "Idempotency-Key")? else {
         return Ok(None);
     };
     match value.to_str() {
@@ -196,7 +246,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OrdersError> {
 
 /// The middleware resolved the id; a client-given one must also be valid.
 fn correlation_id(req: &HttpRequest) -> Result<String, OrdersError> {
-    if let Some(value) = req.headers().get(&CORRELATION_ID) {
+    if let Some(value) = single_header(req.headers(), CORRELATION_ID.as_str(), "X-Correlation-ID")?
+    {
         match value.to_str() {
             Ok(id) if is_visible_ascii(id, CORRELATION_ID_MAX) => {}
             _ => {
@@ -227,39 +278,80 @@ async fn read_body(
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(OrdersError::PayloadTooLarge);
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY_BYTES));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| match e {
-            actix_web::error::PayloadError::Overflow => OrdersError::PayloadTooLarge,
-            other => OrdersError::MalformedJson(format!("the body could not be read: {other}")),
-        })?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(OrdersError::PayloadTooLarge);
+    let read = async {
+        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY_BYTES));
+        while let Some(chunk) = payload.next().await {
+            // A body cut short (the connection closed before its length or its
+            // last chunk) is an error here, never a complete order.
+            let chunk = chunk.map_err(|e| match e {
+                actix_web::error::PayloadError::Overflow => OrdersError::PayloadTooLarge,
+                other => OrdersError::MalformedJson(format!("the body could not be read: {other}")),
+            })?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(OrdersError::PayloadTooLarge);
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        if declared.is_some_and(|n| n != body.len()) {
+            return Err(OrdersError::MalformedJson(
+                "the body ended before its Content-Length".into(),
+            ));
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| OrdersError::BodyTimeout)?
 }
 
-/// JSON syntax errors are 400 `malformed_json`; JSON of the wrong shape (a
-/// missing, unknown or mistyped field) and broken rules are 422, naming the
-/// field by its path.
+/// JSON syntax errors are 400 `malformed_json`, whatever the body's shape;
+/// well-formed JSON of the wrong shape (an array for an object, a missing,
+/// unknown or mistyped field) and broken rules are 422, naming the field by
+/// its path.
 pub fn parse_order(body: &[u8]) -> Result<NewOrder, OrdersError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let request: OrderRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => OrdersError::Validation(ValidationError {
-                field: if path == "." { "body".into() } else { path },
-                message: inner.to_string(),
-            }),
-            _ => OrdersError::MalformedJson(inner.to_string()),
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        // Well-formed, but beyond any field's range: named by the typed parse.
+        Err(e) if e.to_string().starts_with("number out of range") => {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            return Err(shape_error(
+                serde_path_to_error::deserialize::<_, OrderRequest>(&mut de)
+                    .err()
+                    .map(|e| (e.path().to_string(), e.into_inner().to_string()))
+                    .unwrap_or_else(|| ("body".into(), e.to_string())),
+            ));
         }
-    })?;
-    de.end()
-        .map_err(|e| OrdersError::MalformedJson(e.to_string()))?;
+        Err(e) => return Err(OrdersError::MalformedJson(e.to_string())),
+    };
+    // serde reads a struct from an array as readily as from an object; SPEC §2
+    // defines named fields only.
+    require_object(&value, "body")?;
+    if let Some(items) = value.get("items").and_then(serde_json::Value::as_array) {
+        for (i, item) in items.iter().enumerate() {
+            require_object(item, &format!("items[{i}]"))?;
+        }
+    }
+    let request: OrderRequest = serde_path_to_error::deserialize(&value)
+        .map_err(|e| shape_error((e.path().to_string(), e.into_inner().to_string())))?;
     Ok(NewOrder::try_from(request)?)
+}
+
+fn require_object(value: &serde_json::Value, field: &str) -> Result<(), OrdersError> {
+    if value.is_object() {
+        return Ok(());
+    }
+    Err(ValidationError {
+        field: field.into(),
+        message: "must be a JSON object with named fields".into(),
+    }
+    .into())
+}
+
+fn shape_error((path, message): (String, String)) -> OrdersError {
+    OrdersError::Validation(ValidationError {
+        field: if path == "." { "body".into() } else { path },
+        message,
+    })
 }
 
 #[cfg(test)]
@@ -284,6 +376,23 @@ mod tests {
         assert_eq!(code(&format!("{ok} trailing")), "malformed_json");
         assert_eq!(code("[]"), "validation_failed");
         assert_eq!(
+            code(r#"["c","EUR",[["a",1,1]]]"#),
+            "validation_failed",
+            "an array for the object"
+        );
+        assert_eq!(
+            code(r#"{"customer_id":"c","currency":"EUR","items":[["a",1,1]]}"#),
+            "validation_failed",
+            "an array for an item"
+        );
+        assert_eq!(
+            code(r#"{"zz": [[[["#),
+            "malformed_json",
+            "broken JSON, whatever its first field"
+        );
+        assert_eq!(code(&"[".repeat(60_000)), "malformed_json");
+        assert_eq!(code(r#"["c","EUR",[],"extra"]"#), "validation_failed");
+        assert_eq!(
             code(r#"{"customer_id":"c","currency":"EUR"}"#),
             "validation_failed"
         );
@@ -293,6 +402,19 @@ mod tests {
             ),
             "validation_failed"
         );
+    }
+
+    #[test]
+    fn a_number_beyond_every_range_is_named_by_its_path() {
+        for number in ["1e400", &"9".repeat(5000)] {
+            let body = format!(
+                r#"{{"customer_id":"c","currency":"EUR","items":[{{"sku":"a","quantity":{number},"unit_price_cents":1}}]}}"#
+            );
+            match parse_order(body.as_bytes()) {
+                Err(OrdersError::Validation(v)) => assert_eq!(v.field, "items[0].quantity"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

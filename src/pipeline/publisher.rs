@@ -221,6 +221,7 @@ impl Publisher {
         let mut drained = false;
         let mut failure: Option<anyhow::Error> = None;
         loop {
+            self.note_unblocked(conn);
             let stop = cancel.is_cancelled() || failure.is_some();
             let can_start = !stop && !drained && in_flight.len() < BATCHES_IN_FLIGHT;
             if can_start {
@@ -294,9 +295,23 @@ impl Publisher {
                 () = sleep(IDLE_CHECK) => {}
             }
             self.shared.status.publisher.beat();
+            self.note_unblocked(conn);
             if !conn.status().connected() || conn.status().blocked() || Instant::now() >= fallback {
                 return;
             }
+        }
+    }
+
+    /// A block noticed while awaiting confirms is reported at once; this
+    /// reports its end, whoever noticed the start.
+    fn note_unblocked(&self, conn: &Connection) {
+        let board = &self.shared.status;
+        if !conn.status().blocked() && board.broker() == BrokerState::Blocked {
+            board.set_broker(BrokerState::Up);
+            if board.publisher.get() == StageState::Blocked {
+                board.publisher.set(StageState::Running);
+            }
+            info!("the broker unblocked the connection; publishing again");
         }
     }
 
@@ -315,10 +330,8 @@ impl Publisher {
             }
             board.publisher.beat();
         }
-        if conn.status().connected() && !conn.status().blocked() {
-            board.set_broker(BrokerState::Up);
-            board.publisher.set(StageState::Running);
-            info!("the broker unblocked the connection; publishing again");
+        if conn.status().connected() {
+            self.note_unblocked(conn);
         }
     }
 

@@ -414,13 +414,12 @@ async fn retries_and_a_kill_9_leave_exactly_one_processed_order_per_idempotency_
                         .body(body.to_string())
                         .send()
                         .await;
-                    if let Ok(r) = r {
-                        if r.status() == 201 || r.status() == 200 {
-                            if let Ok(v) = r.json::<Value>().await {
-                                let id = v["id"].as_str().unwrap_or_default().to_owned();
-                                answered.lock().expect("lock").entry(key.clone()).or_default().insert(id);
-                            }
-                        }
+                    if let Ok(r) = r
+                        && (r.status() == 201 || r.status() == 200)
+                        && let Ok(v) = r.json::<Value>().await
+                    {
+                        let id = v["id"].as_str().unwrap_or_default().to_owned();
+                        answered.lock().expect("lock").entry(key.clone()).or_default().insert(id);
                     }
                 }
             }

@@ -8,5 +8,6 @@ mod atomicity;
 mod chaos;
 mod delivery;
 mod exactly_once;
+mod hostile_input;
 mod http_api;
 mod validation;

@@ -28,6 +28,10 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
         ("truncated", r#"{"customer_id": "c"#.into(), 400, "malformed_json", "JSON"),
         ("trailing garbage", format!("{} x", good_order()), 400, "malformed_json", "JSON"),
         ("an array", "[]".into(), 422, "validation_failed", "body"),
+        ("the order as an array", r#"["c-42","EUR",[{"sku":"a","quantity":1,"unit_price_cents":1}]]"#.into(), 422, "validation_failed", "body"),
+        ("an item as an array", r#"{"customer_id":"c","currency":"EUR","items":[["a",1,1]]}"#.into(), 422, "validation_failed", "items[0]"),
+        ("broken JSON after an unknown field", r#"{"zz": [[[["#.into(), 400, "malformed_json", "JSON"),
+        ("60 000 unclosed brackets", "[".repeat(60_000), 400, "malformed_json", "JSON"),
         ("null", "null".into(), 422, "validation_failed", "body"),
         ("missing customer_id", json!({"currency": "EUR", "items": [ok_item]}).to_string(), 422, "validation_failed", "customer_id"),
         ("missing items", json!({"customer_id": "c", "currency": "EUR"}).to_string(), 422, "validation_failed", "items"),
@@ -51,6 +55,7 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
         ("quantity 10001", with_item(item(json!("a"), json!(10001), json!(1))).to_string(), 422, "validation_failed", "items[0].quantity"),
         ("quantity 1.5", with_item(item(json!("a"), json!(1.5), json!(1))).to_string(), 422, "validation_failed", "items[0].quantity"),
         ("quantity a string", with_item(item(json!("a"), json!("2"), json!(1))).to_string(), 422, "validation_failed", "items[0].quantity"),
+        ("quantity 1e400", r#"{"customer_id":"c","currency":"EUR","items":[{"sku":"a","quantity":1e400,"unit_price_cents":1}]}"#.into(), 422, "validation_failed", "items[0].quantity"),
         ("quantity huge", r#"{"customer_id":"c","currency":"EUR","items":[{"sku":"a","quantity":100000000000000000000,"unit_price_cents":1}]}"#.into(), 422, "validation_failed", "items[0].quantity"),
         ("negative price", with_item(item(json!("a"), json!(1), json!(-1))).to_string(), 422, "validation_failed", "items[0].unit_price_cents"),
         ("price above the cap", with_item(item(json!("a"), json!(1), json!(100_000_001))).to_string(), 422, "validation_failed", "items[0].unit_price_cents"),
@@ -117,6 +122,39 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
         r.json::<Value>().await.expect("json")["error"]["code"],
         "payload_too_large"
     );
+    for header in ["Idempotency-Key", "X-Correlation-ID"] {
+        let r = c
+            .post_order_with(&good_order(), &[(header, "one"), (header, "two")])
+            .await;
+        assert_eq!(r.status(), 422, "{header} given twice");
+        let err: Value = r.json().await.expect("json");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(header),
+            "{err}"
+        );
+    }
+    for (content_type, encoding) in [
+        ("application/json; charset=latin1", None),
+        ("application/json", Some("gzip")),
+    ] {
+        let mut req = c
+            .http
+            .post(c.url("/orders"))
+            .header("content-type", content_type)
+            .body(good_order().to_string());
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        let r = req.send().await.expect("POST");
+        assert_eq!(r.status(), 415, "{content_type} {encoding:?}");
+        assert_eq!(
+            r.json::<Value>().await.expect("json")["error"]["code"],
+            "unsupported_media_type"
+        );
+    }
     for (header, value) in [
         ("Idempotency-Key", "k".repeat(256)),
         ("Idempotency-Key", "has space".into()),
@@ -150,6 +188,19 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
     );
     let (status, _) = c.ready().await.expect("still answering");
     assert_eq!(status, 200, "bad input must not stop a stage");
+    let r = c
+        .http
+        .post(c.url("/orders"))
+        .header("content-type", "Application/JSON; charset=UTF-8")
+        .body(good_order().to_string())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        r.status(),
+        201,
+        "media type and charset are case-insensitive"
+    );
     app.stop().await;
 }
 
