@@ -138,20 +138,7 @@ async fn backlog(rows: i64) {
     let app = TestApp::spawn(env.clone()).await;
     app.client.wait_ready().await;
     app.stop().await;
-    db.execute(&format!(
-        "INSERT INTO orders (id, correlation_id, customer_id, currency, total_cents, items, created_at) \
-         SELECT gen_random_uuid(), 'bulk-' || g, 'c-' || g, 'EUR', 2500, \
-                '[{{\"sku\":\"SKU-1\",\"quantity\":2,\"unit_price_cents\":1250}}]', now() \
-         FROM generate_series(1, {rows}) g; \
-         INSERT INTO outbox (id, order_id, event_type, routing_key, correlation_id, payload) \
-         SELECT o.event_id, o.id, 'order.created', 'order.created', o.correlation_id, \
-                jsonb_build_object('event_id', o.event_id, 'type', 'order.created', 'occurred_at', o.created_at, \
-                  'order', jsonb_build_object('id', o.id, 'status', 'accepted', 'correlation_id', o.correlation_id, \
-                    'customer_id', o.customer_id, 'currency', o.currency, 'total_cents', o.total_cents, \
-                    'items', o.items, 'created_at', o.created_at)) \
-         FROM (SELECT gen_random_uuid() AS event_id, * FROM orders) o;"
-    ))
-    .await;
+    insert_backlog(&db, rows).await;
 
     let started = Instant::now();
     let app = TestApp::spawn(env).await;

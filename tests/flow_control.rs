@@ -65,12 +65,13 @@ async fn fault_10_flow_control_stops_claiming_keeps_accepting_and_memory_stays_b
     // Act: the alarm goes off while orders keep coming.
     let watermark = Watermark::lower().await;
     let load = Load::start(service.port, 4);
-    let (_, ready) = eventually(
-        "the service to see connection.blocked",
-        Duration::from_secs(30),
-        || async { c.ready().await.filter(|(_, b)| b["broker"] == "blocked") },
-    )
-    .await;
+    let (_, ready) = c
+        .ready_when(
+            "the broker blocked (connection.blocked)",
+            Duration::from_secs(30),
+            |b| b["broker"] == "blocked",
+        )
+        .await;
     assert_eq!(ready["publisher"], "blocked", "{ready}");
     let blocked_at = db.count("SELECT count(*) FROM outbox").await;
     let mut peak_rss_kib = 0;
@@ -101,16 +102,12 @@ async fn fault_10_flow_control_stops_claiming_keeps_accepting_and_memory_stays_b
     spy.wait_for_orders(&accepted, Duration::from_secs(90))
         .await;
     wait_outbox_drained(&db, Duration::from_secs(30)).await;
-    let (_, ready) = eventually(
-        "readiness to report the broker up again",
-        Duration::from_secs(10),
-        || async {
-            c.ready().await.filter(|(status, b)| {
-                *status == 200 && b["broker"] == "up" && b["publisher"] == "running"
-            })
-        },
-    )
-    .await;
+    let (status, ready) = c
+        .ready_when("the broker up again", Duration::from_secs(10), |b| {
+            b["broker"] == "up" && b["publisher"] == "running"
+        })
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(ready["broker"], "up");
     Verdict::of(&accepted, &spy, &db)
         .await

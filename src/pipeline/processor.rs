@@ -38,14 +38,13 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{info, info_span, warn};
 use uuid::Uuid;
 
 use super::Shared;
 use super::stage::{Connected, Stage, StageActor};
 use crate::broker::{self, message::IncomingEvent, topology};
 use crate::domain::OrderStatus;
-use crate::metrics::Metrics;
 use crate::status::{StageState, StageStatus};
 use crate::storage::{inbox, orders};
 
@@ -76,27 +75,20 @@ impl Stage for Processor {
         &self.shared.status.processor
     }
 
-    fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+    fn shared(&self) -> &Shared {
+        &self.shared
     }
 
-    fn run(
-        self,
-        cancel: CancellationToken,
-        connected: Connected,
-    ) -> impl Future<Output = anyhow::Result<()>> + 'static {
-        async move {
-            let conn =
-                broker::connect(&self.shared.settings.amqp_url, "order-pipeline processor").await?;
-            let result = self.run_connected(&conn, &cancel, &connected).await;
-            let _ = timeout(
-                Duration::from_secs(1),
-                conn.close(200, "processor stopping".into()),
-            )
-            .await;
-            result
-        }
-        .instrument(info_span!("stage", stage = Self::NAME))
+    async fn run(self, cancel: CancellationToken, connected: Connected) -> anyhow::Result<()> {
+        let conn =
+            broker::connect(&self.shared.settings.amqp_url, "order-pipeline processor").await?;
+        let result = self.run_connected(&conn, &cancel, &connected).await;
+        let _ = timeout(
+            Duration::from_secs(1),
+            conn.close(200, "processor stopping".into()),
+        )
+        .await;
+        result
     }
 }
 

@@ -42,7 +42,7 @@ use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{info, info_span, warn};
 use uuid::Uuid;
 
 use super::faults::Faults;
@@ -50,7 +50,6 @@ use super::stage::{Backoff, Connected, Stage, StageActor};
 use super::{Shared, Wake};
 use crate::broker::{self, message, topology};
 use crate::domain::OrderStatus;
-use crate::metrics::Metrics;
 use crate::status::{BrokerState, StageState, StageStatus, StatusBoard};
 use crate::storage::outbox::{self, OutboxMessage};
 use crate::storage::{self, orders};
@@ -109,39 +108,31 @@ impl Stage for Publisher {
         &self.shared.status.publisher
     }
 
-    fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+    fn shared(&self) -> &Shared {
+        &self.shared
     }
 
-    fn run(
-        self,
-        cancel: CancellationToken,
-        connected: Connected,
-    ) -> impl Future<Output = anyhow::Result<()>> + 'static {
-        async move {
-            let board = &self.shared.status;
-            let conn =
-                match broker::connect(&self.shared.settings.amqp_url, "order-pipeline publisher")
-                    .await
-                {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        board.set_broker(BrokerState::Down);
-                        return Err(e);
-                    }
-                };
-            let result = self.run_connected(&conn, &cancel, &connected).await;
-            if !conn.status().connected() {
+    async fn run(self, cancel: CancellationToken, connected: Connected) -> anyhow::Result<()> {
+        let board = &self.shared.status;
+        let conn = match broker::connect(&self.shared.settings.amqp_url, "order-pipeline publisher")
+            .await
+        {
+            Ok(conn) => conn,
+            Err(e) => {
                 board.set_broker(BrokerState::Down);
+                return Err(e);
             }
-            let _ = timeout(
-                Duration::from_secs(1),
-                conn.close(200, "publisher stopping".into()),
-            )
-            .await;
-            result
+        };
+        let result = self.run_connected(&conn, &cancel, &connected).await;
+        if !conn.status().connected() {
+            board.set_broker(BrokerState::Down);
         }
-        .instrument(info_span!("stage", stage = Self::NAME))
+        let _ = timeout(
+            Duration::from_secs(1),
+            conn.close(200, "publisher stopping".into()),
+        )
+        .await;
+        result
     }
 }
 

@@ -26,9 +26,10 @@ use actix::prelude::*;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument as _;
 
 use super::Drain;
-use crate::metrics::Metrics;
+use super::Shared;
 use crate::status::{StageState, StageStatus};
 
 /// A pipeline stage that a [`StageActor`] runs.
@@ -38,7 +39,7 @@ pub trait Stage: Clone + Unpin + 'static {
 
     fn status(&self) -> &StageStatus;
 
-    fn metrics(&self) -> &Metrics;
+    fn shared(&self) -> &Shared;
 
     /// Connects, then works until `cancel` fires (`Ok`) or something fails
     /// (`Err`). Calls [`Connected::mark`] once it is connected and working.
@@ -167,7 +168,8 @@ impl<S: Stage> Actor for StageActor<S> {
                 () = tokio::time::sleep(delay) => {}
                 () = cancel.cancelled() => return Ok(()),
             }
-            catch_panics(stage.run(cancel, connected)).await
+            let span = tracing::info_span!("stage", stage = S::NAME);
+            catch_panics(stage.run(cancel, connected).instrument(span)).await
         };
         ctx.spawn(work.into_actor(self).map(|result, act, ctx| match result {
             Ok(()) => act.finished(),
@@ -190,7 +192,7 @@ impl<S: Stage> Actor for StageActor<S> {
 impl<S: Stage> Supervised for StageActor<S> {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.restarting = true;
-        self.stage.metrics().stage_restarted(S::NAME);
+        self.stage.shared().metrics.stage_restarted(S::NAME);
         self.stage.status().set(StageState::Restarting);
     }
 }

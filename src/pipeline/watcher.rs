@@ -24,12 +24,11 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures_util::StreamExt as _;
 use tokio::time::{MissedTickBehavior, interval, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span};
+use tracing::{debug, info};
 
 use super::publisher::PublisherActor;
 use super::stage::{Connected, Stage, StageActor};
 use super::{Shared, Wake};
-use crate::metrics::Metrics;
 use crate::status::{StageState, StageStatus};
 use crate::storage::{self, Purpose, outbox};
 
@@ -68,27 +67,20 @@ impl Stage for Watcher {
         &self.shared.status.watcher
     }
 
-    fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+    fn shared(&self) -> &Shared {
+        &self.shared
     }
 
-    fn run(
-        self,
-        cancel: CancellationToken,
-        connected: Connected,
-    ) -> impl Future<Output = anyhow::Result<()>> + 'static {
-        async move {
-            // The database may not even exist before the migrations ran.
-            if !self.shared.wait_migrated(&cancel).await? {
-                return Ok(());
-            }
-            tokio::select! {
-                r = self.listen(&connected) => r,
-                () = self.sweep() => unreachable!("the sweep never ends"),
-                () = cancel.cancelled() => Ok(()),
-            }
+    async fn run(self, cancel: CancellationToken, connected: Connected) -> anyhow::Result<()> {
+        // The database may not even exist before the migrations ran.
+        if !self.shared.wait_migrated(&cancel).await? {
+            return Ok(());
         }
-        .instrument(info_span!("stage", stage = Self::NAME))
+        tokio::select! {
+            r = self.listen(&connected) => r,
+            () = self.sweep() => unreachable!("the sweep never ends"),
+            () = cancel.cancelled() => Ok(()),
+        }
     }
 }
 

@@ -134,17 +134,12 @@ async fn fault_3_a_broker_outage_keeps_orders_coming_and_the_backlog_drains_afte
 
     let cut = proxy.cut();
     assert!(cut > 0, "the fault: the proxy cut live broker connections");
-    let (status, ready) = eventually(
-        "readiness to report the broker down",
-        Duration::from_secs(15),
-        || async {
-            app.client
-                .ready()
-                .await
-                .filter(|(_, body)| body["broker"] == "down")
-        },
-    )
-    .await;
+    let (status, ready) = app
+        .client
+        .ready_when("the broker down", Duration::from_secs(15), |b| {
+            b["broker"] == "down"
+        })
+        .await;
     assert_eq!(status, 503, "{ready}");
     let mut accepted = vec![first];
     for _ in 0..20 {
@@ -276,10 +271,11 @@ async fn fault_5_unreachable_dependencies_at_start_up_keep_the_process_up_until_
 
     // The database comes back: it is created and migrated, orders are accepted.
     pg.restore();
-    let (_, ready) = eventually("the database to be up", Duration::from_secs(30), || async {
-        c.ready().await.filter(|(_, b)| b["database"] == "up")
-    })
-    .await;
+    let (_, ready) = c
+        .ready_when("the database up", Duration::from_secs(30), |b| {
+            b["database"] == "up"
+        })
+        .await;
     assert_eq!(ready["broker"], "down", "{ready}");
     let id = c.place().await;
 
@@ -347,6 +343,44 @@ async fn outbox_row(db: &TestDb, order_id: &str) -> Option<(i32, Option<String>)
     rows.first().map(|r| (r.get(0), r.get(1)))
 }
 
+/// Faults 7 and 8: the broker refused the order's message (`error_word` in
+/// its last error, counted under `reason`); it is still in the outbox and the
+/// order still `accepted`.
+async fn assert_refused_and_kept(
+    app: &TestApp,
+    db: &TestDb,
+    id: &str,
+    error_word: &str,
+    reason: &str,
+) {
+    let (attempts, error) = eventually(
+        &format!("the broker to refuse the message ({error_word})"),
+        Duration::from_secs(15),
+        || async { outbox_row(db, id).await.filter(|(a, _)| *a >= 1) },
+    )
+    .await;
+    assert!(
+        error.as_deref().unwrap_or_default().contains(error_word),
+        "the fault: {error:?}"
+    );
+    assert!(attempts >= 1);
+    assert_eq!(app.client.status_of(id).await.as_deref(), Some("accepted"));
+    let m = app.client.metrics().await;
+    let counted = format!(r#"order_pipeline_publish_failures_total{{reason="{reason}"}}"#);
+    assert!(m.contains(&counted), "{m}");
+}
+
+/// ...and once the broker takes it, it is published and processed.
+async fn assert_published_in_the_end(app: &TestApp, db: &TestDb, id: &str) {
+    eventually(
+        "the order to be processed once the broker takes it",
+        Duration::from_secs(20),
+        || async { (app.client.status_of(id).await.as_deref() == Some("processed")).then_some(()) },
+    )
+    .await;
+    wait_outbox_drained(db, Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable() {
     let (db, names) = (TestDb::create().await, Names::new());
@@ -367,23 +401,7 @@ async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable(
 
     let id = app.client.place().await;
 
-    let (attempts, error) = eventually(
-        "the broker to return the message",
-        Duration::from_secs(10),
-        || async { outbox_row(&db, &id).await.filter(|(a, _)| *a >= 1) },
-    )
-    .await;
-    assert!(
-        error.as_deref().unwrap_or_default().contains("NO_ROUTE"),
-        "the fault: {error:?}"
-    );
-    assert!(attempts >= 1);
-    assert_eq!(app.client.status_of(&id).await.as_deref(), Some("accepted"));
-    let m = app.client.metrics().await;
-    assert!(
-        m.contains(r#"order_pipeline_publish_failures_total{reason="returned"}"#),
-        "{m}"
-    );
+    assert_refused_and_kept(&app, &db, &id, "NO_ROUTE", "returned").await;
 
     ch.queue_bind(
         names.queue.as_str().into(),
@@ -394,15 +412,7 @@ async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable(
     )
     .await
     .expect("bind");
-    eventually(
-        "the order to be processed once routable",
-        Duration::from_secs(15),
-        || async {
-            (app.client.status_of(&id).await.as_deref() == Some("processed")).then_some(())
-        },
-    )
-    .await;
-    wait_outbox_drained(&db, Duration::from_secs(5)).await;
+    assert_published_in_the_end(&app, &db, &id).await;
     app.stop().await;
 }
 
@@ -440,34 +450,11 @@ async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it(
 
     let id = app.client.place().await;
 
-    let (_, error) = eventually(
-        "the broker to nack the message",
-        Duration::from_secs(15),
-        || async { outbox_row(&db, &id).await.filter(|(a, _)| *a >= 1) },
-    )
-    .await;
-    assert!(
-        error.as_deref().unwrap_or_default().contains("nacked"),
-        "the fault: {error:?}"
-    );
-    assert_eq!(app.client.status_of(&id).await.as_deref(), Some("accepted"));
-    let m = app.client.metrics().await;
-    assert!(
-        m.contains(r#"order_pipeline_publish_failures_total{reason="nack"}"#),
-        "{m}"
-    );
+    assert_refused_and_kept(&app, &db, &id, "nacked", "nack").await;
 
     rabbitmqctl(&["clear_policy", &policy]).await;
     drop(guard);
-    eventually(
-        "the order to be processed once accepted",
-        Duration::from_secs(20),
-        || async {
-            (app.client.status_of(&id).await.as_deref() == Some("processed")).then_some(())
-        },
-    )
-    .await;
-    wait_outbox_drained(&db, Duration::from_secs(5)).await;
+    assert_published_in_the_end(&app, &db, &id).await;
     app.stop().await;
 }
 
@@ -650,17 +637,12 @@ async fn fault_11c_a_publisher_that_loops_on_an_error_is_reported_and_recovers()
 
     let id = app.client.place().await;
 
-    let (status, ready) = eventually(
-        "readiness to report the failing publisher",
-        Duration::from_secs(10),
-        || async {
-            app.client
-                .ready()
-                .await
-                .filter(|(_, b)| b["publisher"] == "failing")
-        },
-    )
-    .await;
+    let (status, ready) = app
+        .client
+        .ready_when("the failing publisher", Duration::from_secs(10), |b| {
+            b["publisher"] == "failing"
+        })
+        .await;
     assert_eq!(
         status, 503,
         "never a failing stage behind a healthy readiness: {ready}"

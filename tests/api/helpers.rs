@@ -239,6 +239,25 @@ pub async fn insert_behind_the_service(db: &TestDb, notify: bool, routing_key: &
     id.to_string()
 }
 
+/// Writes `rows` committed orders with their outbox rows straight into the
+/// database, as a backlog left by a publisher that was down.
+pub async fn insert_backlog(db: &TestDb, rows: i64) {
+    db.execute(&format!(
+        "INSERT INTO orders (id, correlation_id, customer_id, currency, total_cents, items, created_at) \
+         SELECT gen_random_uuid(), 'bulk-' || g, 'c-' || g, 'EUR', 2500, \
+                '[{{\"sku\":\"SKU-1\",\"quantity\":2,\"unit_price_cents\":1250}}]', now() \
+         FROM generate_series(1, {rows}) g; \
+         INSERT INTO outbox (id, order_id, event_type, routing_key, correlation_id, payload) \
+         SELECT o.event_id, o.id, 'order.created', 'order.created', o.correlation_id, \
+                jsonb_build_object('event_id', o.event_id, 'type', 'order.created', 'occurred_at', o.created_at, \
+                  'order', jsonb_build_object('id', o.id, 'status', 'accepted', 'correlation_id', o.correlation_id, \
+                    'customer_id', o.customer_id, 'currency', o.currency, 'total_cents', o.total_cents, \
+                    'items', o.items, 'created_at', o.created_at)) \
+         FROM (SELECT gen_random_uuid() AS event_id, * FROM orders) o;"
+    ))
+    .await;
+}
+
 // ------------------------------------------------------------------ broker
 
 /// Exchange and queue names of one test; deleted at the end (also on panic).
@@ -543,6 +562,20 @@ impl Client {
         let r = self.http.get(self.url("/health/ready")).send().await.ok()?;
         let status = r.status().as_u16();
         Some((status, r.json().await.ok()?))
+    }
+
+    /// Waits until `/health/ready` answers a body for which `what` holds;
+    /// returns its status and body.
+    pub async fn ready_when(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (u16, Value) {
+        eventually(&format!("readiness to report {what}"), timeout, || async {
+            self.ready().await.filter(|(_, body)| pred(body))
+        })
+        .await
     }
 
     pub async fn wait_ready(&self) {
