@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::helpers::*;
 
@@ -23,23 +23,13 @@ async fn fail_inserts_into(db: &TestDb, table: &str, customer: &str) {
     .await;
 }
 
-async fn migrated_app(db: &TestDb, names: &Names) -> TestApp {
-    let app = TestApp::spawn(base_env(&db.url(), names)).await;
-    app.client.wait_ready().await;
-    app
-}
-
 #[tokio::test]
 async fn a_failing_outbox_insert_stores_no_order_and_tells_the_client() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = migrated_app(&db, &names).await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     fail_inserts_into(&db, "outbox", "doomed").await;
 
-    let r = app
-        .client
-        .post_order(&json!({"customer_id": "doomed", "currency": "EUR",
-                            "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]}))
-        .await;
+    let r = app.client.post_order(&order_of("doomed")).await;
 
     assert_eq!(r.status(), 500);
     let err: Value = r.json().await.expect("a JSON error");
@@ -63,14 +53,10 @@ async fn a_failing_outbox_insert_stores_no_order_and_tells_the_client() {
 #[tokio::test]
 async fn a_failing_order_insert_stores_no_outbox_row() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = migrated_app(&db, &names).await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     fail_inserts_into(&db, "orders", "doomed").await;
 
-    let r = app
-        .client
-        .post_order(&json!({"customer_id": "doomed", "currency": "EUR",
-                            "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]}))
-        .await;
+    let r = app.client.post_order(&order_of("doomed")).await;
 
     assert_eq!(r.status(), 500);
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 0);
@@ -88,7 +74,7 @@ async fn one_failing_order_does_not_fail_the_orders_committed_with_it() {
     // must not take the others down with it, nor slip through itself.
     let (db, names) = (TestDb::create().await, Names::new());
     let spy = Spy::on(&names.exchange).await;
-    let app = migrated_app(&db, &names).await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     fail_inserts_into(&db, "outbox", "doomed").await;
 
     let mut requests = Vec::new();
@@ -98,8 +84,7 @@ async fn one_failing_order_does_not_fail_the_orders_committed_with_it() {
         } else {
             format!("c-{i}")
         };
-        let body = json!({"customer_id": customer, "currency": "EUR",
-                          "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]});
+        let body = order_of(&customer);
         let client = reqwest::Client::new();
         let url = app.client.url("/orders");
         requests.push(tokio::spawn(async move {

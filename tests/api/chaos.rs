@@ -126,8 +126,7 @@ async fn fault_3_a_broker_outage_keeps_orders_coming_and_the_backlog_drains_afte
     let proxy = TcpProxy::start(AMQP_PORT).await;
     let mut env = base_env(&db.url(), &names);
     env.insert("AMQP_URL".into(), amqp_url_via(proxy.port));
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     let first = app.client.place().await;
     spy.wait_for_orders(std::slice::from_ref(&first), Duration::from_secs(10))
         .await;
@@ -291,8 +290,7 @@ async fn fault_6_terminated_backends_do_not_strand_new_orders() {
     let spy = Spy::on(&names.exchange).await;
     let mut env = base_env(&db.url(), &names);
     env.insert("OUTBOX_SWEEP_INTERVAL_MS".into(), "1000".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     let warm = app.client.place().await;
     spy.wait_for_orders(std::slice::from_ref(&warm), Duration::from_secs(10))
         .await;
@@ -386,8 +384,7 @@ async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable(
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("PUBLISH_RETRY_BASE_MS".into(), "200".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     let conn = amqp().await;
     let ch = conn.create_channel().await.expect("channel");
     ch.queue_unbind(
@@ -432,8 +429,7 @@ async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it(
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("PUBLISH_RETRY_BASE_MS".into(), "200".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     let policy = format!("reject-{}", names.queue);
     let definition = r#"{"max-length":0,"overflow":"reject-publish"}"#;
     let pattern = format!("^{}$", names.queue);
@@ -625,8 +621,7 @@ async fn fault_11b_a_stage_that_dies_for_good_makes_the_process_exit_non_zero() 
 async fn fault_11c_a_publisher_that_loops_on_an_error_is_reported_and_recovers() {
     let (db, names) = (TestDb::create().await, Names::new());
     let spy = Spy::on(&names.exchange).await;
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     // The outbox delete fails after every confirm: publish, fail, retry, ...
     db.execute(
         "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \

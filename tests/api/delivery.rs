@@ -60,8 +60,7 @@ async fn a_notify_wakes_the_publisher_without_waiting_for_the_sweep() {
     let mut env = base_env(&db.url(), &names);
     // A sweep that never comes during this test.
     env.insert("OUTBOX_SWEEP_INTERVAL_MS".into(), "600000".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     // Let the start-up catch-up sweep pass.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -85,8 +84,7 @@ async fn the_timer_sweep_publishes_a_row_nobody_notified() {
     let spy = Spy::on(&names.exchange).await;
     let mut env = base_env(&db.url(), &names);
     env.insert("OUTBOX_SWEEP_INTERVAL_MS".into(), "300".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
 
     let id = insert_behind_the_service(&db, false, "order.created").await;
 

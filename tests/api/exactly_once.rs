@@ -46,8 +46,7 @@ async fn publish_to_queue(queue: &str, properties: BasicProperties, body: &[u8])
 async fn the_same_message_delivered_twice_is_processed_once() {
     let (db, names) = (TestDb::create().await, Names::new());
     let spy = Spy::on(&names.exchange).await;
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let id = app.client.place().await;
     wait_processed(&app.client, &id).await;
     spy.wait_for_orders(std::slice::from_ref(&id), Duration::from_secs(5))
@@ -84,8 +83,7 @@ async fn the_same_message_delivered_twice_is_processed_once() {
 #[tokio::test]
 async fn poison_messages_go_to_the_dead_letter_queue_and_the_processor_goes_on() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let with_id = |id: &str| BasicProperties::default().with_message_id(id.into());
     let unknown_order = json!({"event_id": uuid::Uuid::new_v4(), "type": "order.created",
                                "order": {"id": uuid::Uuid::new_v4()}});
@@ -167,8 +165,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_processor_goes_on()
 #[tokio::test]
 async fn concurrent_posts_with_one_idempotency_key_create_one_order() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
 
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -213,8 +210,7 @@ async fn concurrent_posts_with_one_idempotency_key_create_one_order() {
 #[tokio::test]
 async fn an_idempotency_key_replays_the_same_body_and_refuses_another() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let key = [("Idempotency-Key", "retry-me")];
 
     let first = app.client.post_order_with(&good_order(), &key).await;
@@ -250,8 +246,7 @@ async fn an_expired_idempotency_key_is_forgotten_and_may_create_a_new_order() {
     use order_pipeline::storage::orders;
 
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let key = [("Idempotency-Key", "old-key")];
     let first = app.client.post_order_with(&good_order(), &key).await;
     assert_eq!(first.status(), 201);
@@ -287,8 +282,7 @@ async fn a_late_published_never_moves_a_processed_order_back() {
     use order_pipeline::storage::orders;
 
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let id = app.client.place().await;
     wait_processed(&app.client, &id).await;
 
@@ -314,8 +308,7 @@ async fn a_kill_9_while_the_processor_is_busy_leaves_every_order_processed_exact
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("PROCESSOR_ENABLED".into(), "false".into());
-    let app = TestApp::spawn(env.clone()).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env.clone()).await;
     let n = 3000;
     let mut tasks = Vec::new();
     for w in 0..8 {

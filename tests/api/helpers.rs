@@ -61,6 +61,12 @@ pub fn good_order() -> Value {
            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}]})
 }
 
+/// A one-item order of `customer`: what tests tell orders apart by.
+pub fn order_of(customer: &str) -> Value {
+    json!({"customer_id": customer, "currency": "EUR",
+           "items": [{"sku": "a", "quantity": 1, "unit_price_cents": 1}]})
+}
+
 // ---------------------------------------------------------------- database
 
 /// A database of its own for one test, dropped at the end (also on panic).
@@ -611,6 +617,13 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// Spawns the service and waits until `/health/ready` answers 200.
+    pub async fn ready(env: HashMap<String, String>) -> Self {
+        let app = Self::spawn(env).await;
+        app.client.wait_ready().await;
+        app
+    }
+
     pub async fn spawn(env: HashMap<String, String>) -> Self {
         Self::spawn_with_faults(env, Arc::default()).await
     }

@@ -33,16 +33,13 @@ fn status_of(response: &str) -> u16 {
 }
 
 fn order_body(customer: &str) -> String {
-    format!(
-        r#"{{"customer_id":"{customer}","currency":"EUR","items":[{{"sku":"a","quantity":1,"unit_price_cents":1}}]}}"#
-    )
+    order_of(customer).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_is_refused_and_stores_nothing() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let port = app.port;
 
     let body = order_body("cut-by-length");
@@ -99,8 +96,7 @@ async fn a_body_cut_short_is_refused_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_trickles_in_too_slowly_is_refused_with_408() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let port = app.port;
     let body = order_body("too-slow");
 
@@ -131,8 +127,7 @@ async fn a_body_that_trickles_in_too_slowly_is_refused_with_408() {
 #[tokio::test]
 async fn made_up_methods_do_not_grow_the_metrics_and_head_works_where_get_does() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let c = &app.client;
 
     for i in 0..50 {
@@ -171,8 +166,7 @@ async fn admin_queries_out_of_range_are_422_and_the_bearer_scheme_is_case_insens
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("ADMIN_TOKEN".into(), "s3cret".into());
-    let app = TestApp::spawn(env).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(env).await;
     let c = &app.client;
     let nil = uuid::Uuid::nil();
 

@@ -11,8 +11,7 @@ async fn an_order_placed_over_http_arrives_on_the_queue_with_the_spec_shape() {
     // Arrange
     let (db, names) = (TestDb::create().await, Names::new());
     let spy = Spy::on(&names.exchange).await;
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
 
     // Act
     let r = app
@@ -78,8 +77,7 @@ async fn an_order_placed_over_http_arrives_on_the_queue_with_the_spec_shape() {
 #[tokio::test]
 async fn a_missing_correlation_id_is_generated_and_echoed() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
 
     let r = app.client.post_order(&good_order()).await;
 
@@ -97,8 +95,7 @@ async fn a_missing_correlation_id_is_generated_and_echoed() {
 #[tokio::test]
 async fn reads_and_unknown_routes_answer_json_errors() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let c = &app.client;
 
     let cases = [
@@ -151,8 +148,7 @@ async fn reads_and_unknown_routes_answer_json_errors() {
 #[tokio::test]
 async fn health_metrics_and_openapi_describe_the_service() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let c = &app.client;
     let id = c.place().await;
     eventually(

@@ -16,8 +16,7 @@ fn item(sku: Value, quantity: Value, unit_price_cents: Value) -> Value {
 #[tokio::test]
 async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let ok_item = item(json!("SKU-1"), json!(1), json!(100));
     let items_101: Vec<Value> = (0..101).map(|_| ok_item.clone()).collect();
 
@@ -207,8 +206,7 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
 #[tokio::test]
 async fn the_upper_bounds_of_every_rule_are_accepted() {
     let (db, names) = (TestDb::create().await, Names::new());
-    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
-    app.client.wait_ready().await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let items: Vec<Value> = (0..100)
         .map(|_| item(json!("ß".repeat(64)), json!(10_000), json!(100_000_000)))
         .collect();
