@@ -76,7 +76,7 @@ pub enum Persisted {
     Existing(Order),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PersistError {
     #[error("this Idempotency-Key was already used with a different request body")]
     KeyReused,
@@ -228,7 +228,7 @@ async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> boo
             }
             outcomes
         }
-        Err(e) => batch.iter().map(|_| Err(clone_error(&e))).collect(),
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };
 
     let mut created = 0;
@@ -249,14 +249,6 @@ async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> boo
     }
     metrics.orders_accepted.inc_by(created);
     created > 0
-}
-
-fn clone_error(e: &PersistError) -> PersistError {
-    match e {
-        PersistError::KeyReused => PersistError::KeyReused,
-        PersistError::Unavailable(m) => PersistError::Unavailable(m.clone()),
-        PersistError::Failed(m) => PersistError::Failed(m.clone()),
-    }
 }
 
 fn classify(e: &DieselError) -> PersistError {
