@@ -264,9 +264,18 @@ async fn an_expired_idempotency_key_is_forgotten_and_may_create_a_new_order() {
     .await
     .expect("expire");
     assert_eq!(recent, 0, "a key younger than its time to live is kept");
-    let expired = orders::expire_idempotency_keys(&mut conn, a_day_later, 1000)
-        .await
-        .expect("expire");
+    // The expiry skips rows another transaction holds (the publisher or the
+    // processor moving this order on): the next round takes them.
+    let mut expired = 0;
+    for _ in 0..100 {
+        expired += orders::expire_idempotency_keys(&mut conn, a_day_later, 1000)
+            .await
+            .expect("expire");
+        if expired > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(expired, 1);
 
     let again = app.client.post_order_with(&good_order(), &key).await;
