@@ -213,24 +213,11 @@ async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> boo
     let outcomes = match transaction(&pool, &batch).await {
         Ok(outcomes) => outcomes,
         Err(PersistError::Failed(why)) if batch.len() > 1 => {
-            // One order may be what failed the batch: give each its own answer.
-            debug!(batch = batch.len(), error = %why, "batch failed; committing its orders one by one");
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for pending in &batch {
-                outcomes.push(
-                    match transaction(&pool, std::slice::from_ref(pending)).await {
-                        Ok(mut one) => one
-                            .pop()
-                            .unwrap_or_else(|| Err(PersistError::Failed("no outcome".into()))),
-                        Err(e) => Err(e),
-                    },
-                );
-            }
-            outcomes
+            debug!(batch = batch.len(), error = %why, "batch failed; splitting it to find the failing orders");
+            commit_apart(&pool, &batch).await
         }
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };
-
     let mut created = 0;
     for (pending, outcome) in batch.into_iter().zip(outcomes) {
         let order = &pending.order;
@@ -257,6 +244,48 @@ fn classify(e: &DieselError) -> PersistError {
     } else {
         PersistError::Failed(e.to_string())
     }
+}
+
+/// A failed batch, split in halves until each failing order stands alone, so
+/// every caller gets its own answer: one bad order among n costs about
+/// 2·log2(n) transactions, not n. Callers that gave up meanwhile are skipped,
+/// so nothing is stored after its client was told it was not.
+async fn commit_apart(pool: &PgPool, batch: &[Pending]) -> Vec<Result<Persisted, PersistError>> {
+    let mut outcomes: Vec<Option<Result<Persisted, PersistError>>> =
+        std::iter::repeat_with(|| None).take(batch.len()).collect();
+    let mid = batch.len() / 2;
+    let mut parts = vec![(mid, batch.len()), (0, mid)];
+    while let Some((lo, hi)) = parts.pop() {
+        if let Some(gone) = (lo..hi).find(|&i| batch[i].reply.is_closed()) {
+            // Leave that caller out: go on with the runs either side of it.
+            parts.extend(
+                [(gone + 1, hi), (lo, gone)]
+                    .into_iter()
+                    .filter(|(a, b)| a < b),
+            );
+            continue;
+        }
+        match transaction(pool, &batch[lo..hi]).await {
+            Ok(part) => {
+                for (slot, outcome) in outcomes[lo..hi].iter_mut().zip(part) {
+                    *slot = Some(outcome);
+                }
+            }
+            Err(PersistError::Failed(_)) if hi - lo > 1 => {
+                let mid = lo + (hi - lo) / 2;
+                parts.extend([(mid, hi), (lo, mid)]);
+            }
+            Err(e) => {
+                for slot in &mut outcomes[lo..hi] {
+                    *slot = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(PersistError::Unavailable("the caller gave up".into()))))
+        .collect()
 }
 
 /// One transaction for the whole batch: the orders, their outbox rows, one
