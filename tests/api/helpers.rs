@@ -122,6 +122,12 @@ impl TestDb {
             .get(0)
     }
 
+    /// Several counts read by ONE statement, so they come from one snapshot.
+    pub async fn counts(&self, sql: &str) -> Vec<i64> {
+        let row = self.client().await.query_one(sql, &[]).await.expect(sql);
+        (0..row.len()).map(|i| row.get(i)).collect()
+    }
+
     pub async fn execute(&self, sql: &str) {
         self.client().await.batch_execute(sql).await.expect(sql);
     }
@@ -596,6 +602,21 @@ impl Client {
     pub async fn metrics(&self) -> String {
         self.get("/metrics").await.text().await.unwrap_or_default()
     }
+
+    /// Waits until the metrics text satisfies `pred` and returns it. Counters
+    /// are bumped after the commit or confirm they count, so a test reads them
+    /// only once they have settled.
+    pub async fn metrics_when(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        eventually(&format!("metrics to show {what}"), timeout, || async {
+            Some(self.metrics().await).filter(|text| pred(text))
+        })
+        .await
+    }
 }
 
 /// Reads a counter or gauge from the metrics text (summing its label sets).
@@ -872,6 +893,9 @@ impl TcpProxy {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
+                // Subscribed before the check, so a cut that lands while the
+                // upstream connect is pending is seen below.
+                let generation = st.generation.subscribe();
                 if !st.up.load(SeqCst) {
                     // Refused: closed at once, like a port nobody listens on.
                     drop(client);
@@ -880,9 +904,12 @@ impl TcpProxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", st.upstream)).await else {
                     continue;
                 };
+                if generation.has_changed().unwrap_or(true) || !st.up.load(SeqCst) {
+                    continue; // cut meanwhile: both ends close
+                }
                 st.accepted.fetch_add(1, SeqCst);
                 let st2 = st.clone();
-                tokio::spawn(async move { pump(st2, client, server).await });
+                tokio::spawn(async move { pump(st2, generation, client, server).await });
             }
         });
         Self { port, state }
@@ -923,10 +950,14 @@ impl TcpProxy {
     }
 }
 
-async fn pump(state: Arc<ProxyState>, client: TcpStream, server: TcpStream) {
+async fn pump(
+    state: Arc<ProxyState>,
+    mut generation: tokio::sync::watch::Receiver<u64>,
+    client: TcpStream,
+    server: TcpStream,
+) {
     use std::sync::atomic::Ordering::SeqCst;
     state.live.fetch_add(1, SeqCst);
-    let mut generation = state.generation.subscribe();
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let st = state.clone();

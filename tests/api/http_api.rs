@@ -159,15 +159,25 @@ async fn health_metrics_and_openapi_describe_the_service() {
     .await;
 
     assert_eq!(c.get("/health/live").await.status(), 200);
-    let (status, ready) = c.ready().await.expect("ready answers");
-    assert_eq!(status, 200);
+    let (status, ready) = c
+        .ready_when("every stage running", Duration::from_secs(10), |r| {
+            ["publisher", "watcher", "processor"]
+                .iter()
+                .all(|stage| r[*stage] == "running")
+        })
+        .await;
+    assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["database"], "up");
     assert_eq!(ready["broker"], "up");
-    for stage in ["publisher", "watcher", "processor"] {
-        assert_eq!(ready[stage], "running", "{ready}");
-    }
 
-    let text = c.metrics().await;
+    // `processed` can commit before the publisher records the confirm: wait
+    // for the publisher's side to settle, then check the exact figures.
+    let text = c
+        .metrics_when("the confirm recorded", Duration::from_secs(10), |t| {
+            metric(t, "order_pipeline_messages_published_total") >= 1.0
+                && metric(t, "order_pipeline_outbox_pending") == 0.0
+        })
+        .await;
     assert_eq!(
         metric(&text, "order_pipeline_orders_accepted_total"),
         1.0,

@@ -185,8 +185,8 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
         0,
         "a refused request stored an outbox row"
     );
-    let (status, _) = c.ready().await.expect("still answering");
-    assert_eq!(status, 200, "bad input must not stop a stage");
+    // Bad input must not stop a stage (one ping may be slow on a busy machine).
+    c.wait_ready().await;
     let r = c
         .http
         .post(c.url("/orders"))
