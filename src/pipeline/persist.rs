@@ -11,8 +11,9 @@
 //!   Idempotency-Keys are settled inside the same transaction by the unique
 //!   constraint on `orders.idempotency_key`.
 //! - **On failure**: a batch that fails for a reason other than the database
-//!   being unreachable is retried order by order, so that one bad order does
-//!   not fail the others; each caller gets its own answer. Nothing here is
+//!   being unreachable is split in halves until each failing order stands
+//!   alone, so that one bad order does not fail the others; each caller gets
+//!   its own answer. Nothing here is
 //!   the source of truth: a queued order was not answered yet, and a crash
 //!   loses only unanswered requests.
 //! - **Stops**: with the actor system, after the HTTP server drained (every
