@@ -19,18 +19,7 @@ const PEAK_RSS_LIMIT_KIB: u64 = 150 * 1024;
 async fn a_backlog_of_100_000_rows_is_published_with_bounded_memory() {
     // Arrange: the tables, then 100 000 committed orders with their outbox rows.
     let (db, names) = (TestDb::create().await, Names::new());
-    let migrate = std::process::Command::new(binary())
-        .arg("migrate")
-        .env_clear()
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("migrate");
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
+    db.migrate();
     insert_backlog(&db, ROWS).await;
     assert_eq!(db.count("SELECT count(*) FROM outbox").await, ROWS);
 

@@ -6,11 +6,15 @@
 //! - **Reads/writes**: claims up to `PUBLISH_BATCH_SIZE` due rows with
 //!   `FOR UPDATE SKIP LOCKED` in a transaction, publishes them all (mandatory,
 //!   persistent, SPEC §3 properties) without waiting, then awaits their
-//!   confirms under one deadline. Two batches are in flight: one awaits its
-//!   confirms while the next is claimed and sent (sends stay in claim order). In the same
+//!   confirms under one deadline. Two batches are in flight: one records its
+//!   outcome while the next is claimed, sent and confirmed; sends and confirms
+//!   never overlap between batches, so messages leave in claim order and a
+//!   batch's returns come back on its own confirms. In the same
 //!   transaction it deletes the acked rows, marks their orders `published`
-//!   (forward only) and records refusals. Only `Ack` without a return counts
-//!   as published; a nack or a return adds an attempt and an exponential
+//!   (forward only) and records refusals. Only an `Ack` whose message was not
+//!   returned counts as published (returns are matched by `message_id`: lapin
+//!   attaches one to whichever confirm it resolves next); a nack or a return
+//!   adds an attempt and an exponential
 //!   back-off, and after `PUBLISH_MAX_ATTEMPTS` moves the row to `outbox_dead`;
 //!   a timeout or a lost channel leaves the row untouched for the next claim.
 //! - **On failure**: a broker problem (connect, channel, unconfirmed publish)
@@ -25,8 +29,10 @@
 //! - **Stops**: on [`Drain`](super::Drain) it claims no new batch, finishes the
 //!   one in flight (awaits its confirms, commits), and closes the connection.
 
+use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -36,6 +42,7 @@ use diesel::result::Error as DieselError;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
@@ -58,13 +65,19 @@ use crate::storage::{self, orders};
 /// confirms this much longer than `PUBLISH_CONFIRM_TIMEOUT_MS` before giving up
 /// on them (below the session's idle-in-transaction timeout).
 pub const BLOCKED_MAX_WAIT: Duration = Duration::from_secs(60);
+const _: () = assert!(
+    (crate::settings::MAX_CONFIRM_TIMEOUT_MS as u128 + BLOCKED_MAX_WAIT.as_millis())
+        < storage::IDLE_IN_TRANSACTION_TIMEOUT.as_millis(),
+    "a batch's transaction must not idle past the server's timeout"
+);
 /// How often an idle or blocked publisher checks its connection.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// With no wake-up at all, look at the outbox after this many sweep intervals.
 const FALLBACK_SWEEPS: u32 = 5;
-/// Batches in flight at once. Two overlap one batch's confirm wait and
-/// database writes with the next one's claim and sends: the confirm window is
-/// `BATCHES_IN_FLIGHT × PUBLISH_BATCH_SIZE` messages.
+/// Batches in flight at once. Two overlap one batch's database writes with
+/// the next one's claim, sends and confirms: at most
+/// `BATCHES_IN_FLIGHT × PUBLISH_BATCH_SIZE` messages are confirmed but not yet
+/// recorded (what a crash can re-publish).
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
 pub type PublisherActor = StageActor<Publisher>;
@@ -73,9 +86,11 @@ pub type PublisherActor = StageActor<Publisher>;
 pub struct Publisher {
     shared: Shared,
     wake: Arc<Notify>,
-    /// Held from a batch's claim until its last publish is sent: batches in
-    /// flight overlap their confirm waits and database writes, never their
-    /// sends, so messages leave in claim order.
+    /// Held from a batch's claim until its last confirm is in: messages leave
+    /// in claim order, and every return the broker sends for a batch arrives
+    /// on that batch's own confirms (none of another batch is pending). The
+    /// batches in flight overlap one's database writes with the next one's
+    /// claim, sends and confirms.
     send_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -134,6 +149,17 @@ impl Stage for Publisher {
         .await;
         result
     }
+}
+
+/// What the broker said about one publish. A `basic.return` rides on
+/// whichever confirm lapin resolves next (a multiple ack resolves its tags in
+/// no fixed order), so a return is matched to its message by `message_id`,
+/// never by the confirm that carried it.
+enum Confirmed {
+    Ack(Option<BasicReturnMessage>),
+    Nack(Option<BasicReturnMessage>),
+    /// No answer (timeout, lost channel, blocked too long).
+    Unknown(&'static str),
 }
 
 /// What became of one claimed message.
@@ -207,6 +233,9 @@ impl Publisher {
         let s = &self.shared;
         let mut db_backoff = Backoff::new();
         let batch_size = s.settings.tuning.publish_batch_size;
+        // Set once a batch lost track of a confirm: that confirm may still
+        // carry a later batch's return, so nothing more is sent on the channel.
+        let untrusted = AtomicBool::new(false);
         let mut in_flight = FuturesUnordered::new();
         // Set when a batch came back short: nothing more is due until a wake-up.
         let mut drained = false;
@@ -224,7 +253,7 @@ impl Publisher {
                     continue;
                 }
                 if !conn.status().blocked() {
-                    in_flight.push(self.publish_batch(conn, channel));
+                    in_flight.push(self.publish_batch(conn, channel, &untrusted));
                     continue;
                 }
             }
@@ -331,25 +360,36 @@ impl Publisher {
         &self,
         conn: &Connection,
         channel: &Channel,
+        untrusted: &AtomicBool,
     ) -> anyhow::Result<BatchOutcome> {
         let s = &self.shared;
         let tuning = &s.settings.tuning;
         // Bounds the whole transaction even if the database stops answering.
         let deadline = tuning.confirm_timeout + BLOCKED_MAX_WAIT + storage::STATEMENT_TIMEOUT * 4;
+        // Waited for before the transaction begins, so a waiting batch holds
+        // no database connection.
+        let mut turn = Some(self.send_turn.lock().await);
+        if untrusted.load(Ordering::Acquire) {
+            return Ok(BatchOutcome::default());
+        }
         let mut db = s
             .pool
             .get()
             .await
             .context("getting a database connection")?;
         let work = db.transaction::<_, DieselError, _>(async |c| {
-            let turn = self.send_turn.lock().await;
             let rows = outbox::claim_due(c, tuning.publish_batch_size).await?;
             if rows.is_empty() {
                 return Ok(None);
             }
             let (confirms, send_error) = self.send(conn, channel, &rows).await;
-            drop(turn);
-            let (sent, channel_error) = self.confirm(conn, confirms, send_error, rows.len()).await;
+            let (sent, channel_error) = self.confirm(conn, confirms, send_error, &rows).await;
+            if channel_error.is_some() {
+                untrusted.store(true, Ordering::Release);
+            }
+            // Every confirm is in: the next batch may claim and send while
+            // this one records its outcome.
+            turn.take();
             let dead = self.record(c, &rows, &sent).await?;
             Ok(Some(Recorded {
                 rows,
@@ -360,8 +400,12 @@ impl Publisher {
         });
         let recorded = match timeout(deadline, work).await {
             Ok(result) => result.context("claiming or recording an outbox batch")?,
-            // The pool discards the connection: its transaction never ended.
-            Err(_) => bail!("an outbox batch took longer than {deadline:?}"),
+            Err(_) => {
+                // Closed now, not whenever the pool next hands it out: closing
+                // ends its transaction on the server and frees the claimed rows.
+                drop(deadpool::managed::Object::take(db));
+                bail!("an outbox batch took longer than {deadline:?}");
+            }
         };
         let Some(recorded) = recorded else {
             return Ok(BatchOutcome::default());
@@ -413,26 +457,66 @@ impl Publisher {
         (confirms, None)
     }
 
-    /// Awaits the confirms of a batch of `rows` sent messages; the rows after
-    /// the last sent one are "not sent".
+    /// Awaits the confirms of a batch's sent messages and tells each row's
+    /// outcome; the rows after the last sent one are "not sent". A return
+    /// counts against the row its `message_id` names.
     async fn confirm(
         &self,
         conn: &Connection,
         confirms: Vec<(PublisherConfirm, Instant)>,
         mut channel_error: Option<String>,
-        rows: usize,
+        rows: &[OutboxMessage],
     ) -> (Vec<Sent>, Option<String>) {
-        let mut sent = Vec::with_capacity(rows);
+        let mut answers = Vec::with_capacity(rows.len());
         for (confirm, deadline) in confirms {
-            sent.push(await_confirm(conn, confirm, deadline, &self.shared.status).await);
+            answers.push(await_confirm(conn, confirm, deadline, &self.shared.status).await);
         }
-        sent.resize_with(rows, || Sent::Unknown { reason: "not_sent" });
+        let mut returned: HashMap<String, String> = HashMap::new();
+        for answer in &answers {
+            if let Confirmed::Ack(Some(r)) | Confirmed::Nack(Some(r)) = answer {
+                let id = r.properties.message_id().as_ref().map(|id| id.to_string());
+                let why = format!(
+                    "returned by the broker as unroutable: {} {}",
+                    r.reply_code, r.reply_text
+                );
+                returned.insert(id.unwrap_or_default(), why);
+            }
+        }
+        let mut sent: Vec<Sent> = rows
+            .iter()
+            .zip(answers.iter().map(Some).chain(std::iter::repeat(None)))
+            .map(
+                |(row, answer)| match (returned.remove(&row.id.to_string()), answer) {
+                    (_, None) => Sent::Unknown { reason: "not_sent" },
+                    (Some(error), Some(_)) => Sent::Refused {
+                        reason: "returned",
+                        error,
+                    },
+                    (None, Some(Confirmed::Ack(_))) => Sent::Acked,
+                    (None, Some(Confirmed::Nack(_))) => Sent::Refused {
+                        reason: "nack",
+                        error: "nacked by the broker".into(),
+                    },
+                    (None, Some(Confirmed::Unknown(reason))) => Sent::Unknown { reason },
+                },
+            )
+            .collect();
+        if !returned.is_empty() {
+            // A return for no message of this batch: attribution cannot be
+            // trusted, so nothing of it counts as published (re-sent later).
+            for s in sent.iter_mut().filter(|s| matches!(s, Sent::Acked)) {
+                *s = Sent::Unknown {
+                    reason: "ambiguous",
+                };
+            }
+            channel_error.get_or_insert_with(|| "a return for a message of no batch".into());
+        }
         if channel_error.is_none()
             && sent.iter().any(|s| {
                 matches!(
                     s,
                     Sent::Unknown {
-                        reason: "channel" | "timeout"
+                        reason: "channel" | "timeout" | "blocked"
                     }
                 )
             })
@@ -524,38 +608,23 @@ async fn await_confirm(
     confirm: PublisherConfirm,
     deadline: Instant,
     board: &StatusBoard,
-) -> Sent {
+) -> Confirmed {
     let mut confirm = pin!(confirm);
     let give_up = deadline + BLOCKED_MAX_WAIT;
     let mut until = deadline;
     loop {
         match timeout_at(until, confirm.as_mut()).await {
-            Ok(Ok(Confirmation::Ack(None))) => return Sent::Acked,
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                return Sent::Refused {
-                    reason: "returned",
-                    error: format!(
-                        "returned by the broker as unroutable: {} {}",
-                        returned.reply_code, returned.reply_text
-                    ),
-                };
-            }
-            Ok(Ok(Confirmation::Nack(_))) => {
-                return Sent::Refused {
-                    reason: "nack",
-                    error: "nacked by the broker".into(),
-                };
-            }
-            Ok(Ok(Confirmation::NotRequested)) => return Sent::Unknown { reason: "channel" },
-            Ok(Err(_)) => return Sent::Unknown { reason: "channel" },
+            Ok(Ok(Confirmation::Ack(returned))) => return Confirmed::Ack(returned),
+            Ok(Ok(Confirmation::Nack(returned))) => return Confirmed::Nack(returned),
+            Ok(Ok(Confirmation::NotRequested) | Err(_)) => return Confirmed::Unknown("channel"),
             Err(_) if conn.status().blocked() && Instant::now() < give_up => {
                 // Say so now, not only once this batch is given up on.
                 board.set_broker(BrokerState::Blocked);
                 board.publisher.set(StageState::Blocked);
                 until = (Instant::now() + IDLE_CHECK).min(give_up);
             }
-            Err(_) if conn.status().blocked() => return Sent::Unknown { reason: "blocked" },
-            Err(_) => return Sent::Unknown { reason: "timeout" },
+            Err(_) if conn.status().blocked() => return Confirmed::Unknown("blocked"),
+            Err(_) => return Confirmed::Unknown("timeout"),
         }
     }
 }

@@ -420,6 +420,84 @@ async fn fault_7_an_unroutable_message_stays_in_the_outbox_until_it_is_routable(
     app.stop().await;
 }
 
+#[tokio::test]
+async fn fault_7_returns_among_routed_messages_keep_exactly_the_returned_rows() {
+    // lapin hands a `basic.return` to whichever confirm it resolves next, and
+    // resolves a multiple ack in no fixed order: a return can come back on
+    // another message's confirm. Mix returned and routed messages in every
+    // batch and check that each returned row, and only those, stays.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let spy = Spy::on(&names.exchange).await;
+    db.migrate();
+    insert_backlog(&db, 3000).await;
+    db.execute("UPDATE outbox SET routing_key = 'nowhere.created' WHERE seq % 7 = 0")
+        .await;
+    let rows = |sql: &str| {
+        let sql = sql.to_owned();
+        let db = &db;
+        async move {
+            db.client()
+                .await
+                .query(&sql, &[])
+                .await
+                .expect("query")
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<String>>()
+        }
+    };
+    let returned =
+        rows("SELECT order_id::text FROM outbox WHERE routing_key = 'nowhere.created'").await;
+    let routed =
+        rows("SELECT order_id::text FROM outbox WHERE routing_key = 'order.created'").await;
+    let mut env = base_env(&db.url(), &names);
+    env.insert("PROCESSOR_ENABLED".into(), "false".into());
+    env.insert("PUBLISH_MAX_ATTEMPTS".into(), "1000".into());
+    env.insert("PUBLISH_RETRY_BASE_MS".into(), "500".into());
+    env.insert("PUBLISH_RETRY_MAX_MS".into(), "500".into());
+    let app = TestApp::spawn(env).await;
+
+    spy.wait_for_orders(&routed, Duration::from_secs(60)).await;
+    // Every returned row has been refused at least once (the fault happened)...
+    eventually(
+        "every unroutable row refused",
+        Duration::from_secs(30),
+        || async {
+            (db.count("SELECT count(*) FROM outbox WHERE attempts = 0")
+                .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    // ...and none of them was taken for published: still in the outbox, still
+    // `accepted`, never seen.
+    let kept = rows("SELECT order_id::text FROM outbox").await;
+    let kept: std::collections::HashSet<&String> = kept.iter().collect();
+    let lost: Vec<&String> = returned
+        .iter()
+        .filter(|id| !kept.contains(id))
+        .take(5)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "returned messages counted as published (of {}): {lost:?}",
+        returned.len()
+    );
+    assert_eq!(kept.len(), returned.len(), "only the returned rows stay");
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE status = 'accepted'")
+            .await,
+        returned.len() as i64
+    );
+    let seen: std::collections::HashSet<String> = spy.order_ids().into_iter().collect();
+    assert!(
+        returned.iter().all(|id| !seen.contains(id)),
+        "a returned message was delivered"
+    );
+    app.stop().await;
+}
+
 /// Removes a policy even when the test fails.
 struct PolicyGuard(String);
 

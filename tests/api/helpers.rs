@@ -122,6 +122,23 @@ impl TestDb {
             .get(0)
     }
 
+    /// Creates the tables with the binary's own `migrate`, for tests that
+    /// write a backlog before any service runs.
+    pub fn migrate(&self) {
+        let out = std::process::Command::new(binary())
+            .arg("migrate")
+            .env_clear()
+            .env("DATABASE_URL", self.url())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run migrate");
+        assert!(
+            out.status.success(),
+            "migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Several counts read by ONE statement, so they come from one snapshot.
     pub async fn counts(&self, sql: &str) -> Vec<i64> {
         let row = self.client().await.query_one(sql, &[]).await.expect(sql);
