@@ -37,18 +37,22 @@ pub struct Tuning {
     /// message, and the granularity of retry back-off.
     pub sweep_interval: Duration,
     /// `PUBLISH_BATCH_SIZE` (default 256): outbox rows claimed per batch. Two
-    /// batches are in flight at once, so the confirm window (publishes sent
-    /// before their confirms are awaited) is twice this.
+    /// batches are in flight at once (one confirming, one recording).
     pub publish_batch_size: i64,
-    /// `PUBLISH_MAX_ATTEMPTS` (default 10): broker refusals (nack or return) after
-    /// which a message is dead-lettered.
+    /// `PUBLISH_MAX_ATTEMPTS` (default 300): broker refusals (nack or return)
+    /// after which a message is dead-lettered. With the default back-off that
+    /// is about a day of refusals: a topology outage (a queue deleted or
+    /// unbound) of hours dead-letters nothing.
     pub publish_max_attempts: i32,
     /// `PUBLISH_RETRY_BASE_MS` (default 500): back-off after the first refusal;
     /// doubles per attempt, capped at `PUBLISH_RETRY_MAX_MS` (default 300000).
     pub publish_retry_base: Duration,
     pub publish_retry_max: Duration,
-    /// `PUBLISH_CONFIRM_TIMEOUT_MS` (default 10000): how long a batch waits for its
-    /// confirms before its unconfirmed messages count as "not published".
+    /// `PUBLISH_CONFIRM_TIMEOUT_MS` (default 10000, at most 50000): how long a
+    /// batch waits for its confirms before its unconfirmed messages count as
+    /// "not published". The batch's transaction idles meanwhile, so this plus
+    /// the blocked-broker grace stays below the session's idle-in-transaction
+    /// timeout.
     pub confirm_timeout: Duration,
     /// `PROCESSOR_PREFETCH` (default 256): unacked deliveries the processor holds.
     pub processor_prefetch: u16,
@@ -62,12 +66,16 @@ pub struct Tuning {
     pub idempotency_key_ttl: Duration,
 }
 
+/// The longest `PUBLISH_CONFIRM_TIMEOUT_MS`: with the publisher's 60 s grace
+/// for a blocked broker it stays below the 120 s idle-in-transaction timeout.
+pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 50_000;
+
 impl Default for Tuning {
     fn default() -> Self {
         Self {
             sweep_interval: Duration::from_millis(1000),
             publish_batch_size: 256,
-            publish_max_attempts: 10,
+            publish_max_attempts: 300,
             publish_retry_base: Duration::from_millis(500),
             publish_retry_max: Duration::from_secs(300),
             confirm_timeout: Duration::from_secs(10),
@@ -205,11 +213,17 @@ impl Settings {
                 vars,
                 "PUBLISH_MAX_ATTEMPTS",
                 d.publish_max_attempts,
-                1..=1000,
+                1..=100_000,
             )?,
             publish_retry_base: millis("PUBLISH_RETRY_BASE_MS", d.publish_retry_base)?,
             publish_retry_max: millis("PUBLISH_RETRY_MAX_MS", d.publish_retry_max)?,
-            confirm_timeout: millis("PUBLISH_CONFIRM_TIMEOUT_MS", d.confirm_timeout)?,
+            confirm_timeout: number::<u64>(
+                vars,
+                "PUBLISH_CONFIRM_TIMEOUT_MS",
+                d.confirm_timeout.as_millis() as u64,
+                1..=MAX_CONFIRM_TIMEOUT_MS,
+            )
+            .map(Duration::from_millis)?,
             processor_prefetch: number(
                 vars,
                 "PROCESSOR_PREFETCH",
@@ -375,6 +389,7 @@ mod tests {
             ("ADMIN_TOKEN", " "),
             ("LOG_FORMAT", "xml"),
             ("PUBLISH_BATCH_SIZE", "0"),
+            ("PUBLISH_CONFIRM_TIMEOUT_MS", "50001"),
             ("OUTBOX_SWEEP_INTERVAL_MS", "soon"),
         ] {
             let err = Settings::from_vars(&vars(&[(name, value)])).expect_err(name);
