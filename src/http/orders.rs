@@ -121,16 +121,20 @@ pub async fn create(
     let order = parse_order(&body)?;
 
     let (reply, answer) = oneshot::channel();
+    // The persist stage finishes the order's transaction before this, so the
+    // timeout below is a backstop and the client hears the real outcome.
+    let answer_by = tokio::time::Instant::now() + REQUEST_DEADLINE;
     state
         .persist
         .try_send(PersistOrder {
             order,
             idempotency_key,
             correlation_id,
+            answer_by,
             reply,
         })
         .map_err(|_| OrdersError::Unavailable("the service is overloaded; retry later".into()))?;
-    let outcome = tokio::time::timeout(REQUEST_DEADLINE, answer)
+    let outcome = tokio::time::timeout_at(answer_by, answer)
         .await
         .map_err(|_| {
             OrdersError::Unavailable(format!(

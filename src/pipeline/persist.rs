@@ -30,6 +30,7 @@ use actix::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel_async::AsyncConnection as _;
 use tokio::sync::oneshot;
+use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -52,20 +53,29 @@ pub const MAILBOX_CAPACITY: usize = 4096;
 /// One transaction's own deadline: a database that stopped answering fails
 /// the batch rather than holding its callers (the HTTP deadline is 5 s).
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(4);
+/// A transaction ends this long before the earliest answer due in its batch,
+/// so the caller hears its real outcome rather than its own timeout.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
+/// An order whose answer is due sooner than this is refused instead of being
+/// started (a transaction that short would likely not finish).
+const MIN_TRANSACTION_TIME: Duration = Duration::from_millis(500);
 /// How often expired Idempotency-Keys are forgotten, and how many per statement.
 const KEY_EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
 const KEY_EXPIRY_BATCH: i64 = 1000;
 
 pub type Reply = oneshot::Sender<Result<Persisted, PersistError>>;
 
-/// Store this order. The answer goes to `reply`; a caller that stopped waiting
-/// (dropped its receiver) before its transaction started gets no order stored.
+/// Store this order. The answer goes to `reply` before `answer_by`: the
+/// transaction that stores it ends (commits or gives up) by then. A caller
+/// that stopped waiting (dropped its receiver) before its transaction started
+/// gets no order stored.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PersistOrder {
     pub order: NewOrder,
     pub idempotency_key: Option<String>,
     pub correlation_id: String,
+    pub answer_by: Instant,
     pub reply: Reply,
 }
 
@@ -92,6 +102,7 @@ struct Pending {
     order: Order,
     event_id: Uuid,
     idempotency_key: Option<String>,
+    answer_by: Instant,
     reply: Reply,
 }
 
@@ -131,8 +142,22 @@ impl PersistActor {
     /// Starts transactions while there is queued work and room for them.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         while self.in_flight < self.max_transactions {
-            // Callers that gave up (their deadline passed) are not stored.
-            self.queue.retain(|p| !p.reply.is_closed());
+            // Callers that gave up are not stored, nor those whose answer is
+            // due too soon for a transaction to finish before it.
+            let too_late = Instant::now() + MIN_TRANSACTION_TIME;
+            let queued = std::mem::take(&mut self.queue);
+            for p in queued {
+                if p.reply.is_closed() {
+                    continue;
+                }
+                if p.answer_by <= too_late {
+                    let _ = p.reply.send(Err(PersistError::Unavailable(
+                        "the database did not take the order in time; retry".into(),
+                    )));
+                    continue;
+                }
+                self.queue.push_back(p);
+            }
             if self.queue.is_empty() {
                 return;
             }
@@ -203,6 +228,7 @@ impl Handler<PersistOrder> for PersistActor {
             },
             event_id: Uuid::new_v4(),
             idempotency_key: msg.idempotency_key,
+            answer_by: msg.answer_by,
             reply: msg.reply,
         });
         self.flush(ctx);
@@ -295,11 +321,19 @@ async fn transaction(
     pool: &PgPool,
     batch: &[Pending],
 ) -> Result<Vec<Result<Persisted, PersistError>>, PersistError> {
+    // Over before the first caller's answer is due, so that caller hears
+    // what happened rather than "not stored in time" while it commits.
+    let earliest = batch.iter().map(|p| p.answer_by).min();
+    let until = earliest.map_or(Instant::now(), |t| t - ANSWER_MARGIN);
+    let until = until.min(Instant::now() + TRANSACTION_TIMEOUT);
+    let timed_out =
+        || PersistError::Unavailable("no answer from the database in time; retry".to_string());
+    let mut conn = match timeout_at(until, pool.get()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(PersistError::Unavailable(e.to_string())),
+        Err(_) => return Err(timed_out()),
+    };
     let work = async {
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| PersistError::Unavailable(e.to_string()))?;
         let result = conn
             .transaction::<_, DieselError, _>(async |c| {
                 // Sorted by key: concurrent batches then take key locks in one
@@ -366,12 +400,13 @@ async fn transaction(
             .await;
         result.map_err(|e| classify(&e))
     };
-    match tokio::time::timeout(TRANSACTION_TIMEOUT, work).await {
+    match timeout_at(until, work).await {
         Ok(result) => result,
-        // The pool discards the connection: its transaction never ended.
-        Err(_) => Err(PersistError::Unavailable(format!(
-            "no answer from the database within {TRANSACTION_TIMEOUT:?}"
-        ))),
+        Err(_) => {
+            // Its transaction never ended: close it, releasing its key locks.
+            storage::discard(conn);
+            Err(timed_out())
+        }
     }
 }
 

@@ -46,7 +46,7 @@ use super::stage::{Connected, Stage, StageActor};
 use crate::broker::{self, message::IncomingEvent, topology};
 use crate::domain::OrderStatus;
 use crate::status::{StageState, StageStatus};
-use crate::storage::{inbox, orders};
+use crate::storage::{self, inbox, orders};
 
 /// A batch's transaction, bounded even if the database stops answering.
 const BATCH_DEADLINE: Duration = Duration::from_secs(15);
@@ -249,12 +249,13 @@ impl Processor {
                 orders::advance_status(c, &fresh_orders, OrderStatus::Processed).await?;
                 Ok((known, fresh))
             });
-            timeout(BATCH_DEADLINE, work)
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("processing a batch took longer than {BATCH_DEADLINE:?}")
-                })?
-                .context("recording a batch in the inbox")?
+            match timeout(BATCH_DEADLINE, work).await {
+                Ok(result) => result.context("recording a batch in the inbox")?,
+                Err(_) => {
+                    storage::discard(db);
+                    bail!("processing a batch took longer than {BATCH_DEADLINE:?}");
+                }
+            }
         };
 
         let metrics = &self.shared.metrics;

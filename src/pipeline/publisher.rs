@@ -403,7 +403,7 @@ impl Publisher {
             Err(_) => {
                 // Closed now, not whenever the pool next hands it out: closing
                 // ends its transaction on the server and frees the claimed rows.
-                drop(deadpool::managed::Object::take(db));
+                storage::discard(db);
                 bail!("an outbox batch took longer than {deadline:?}");
             }
         };

@@ -135,6 +135,14 @@ pub fn build_pool(database_url: &str, size: usize) -> anyhow::Result<PgPool> {
         .context("building the Postgres pool")
 }
 
+/// Closes a pooled connection now instead of returning it to the pool. For a
+/// connection whose transaction was abandoned at a deadline: the pool would
+/// otherwise keep it open (and its locks held, until the server's
+/// idle-in-transaction timeout) until it next hands it out.
+pub fn discard(conn: PooledConnection) {
+    drop(Object::take(conn));
+}
+
 /// True when an error says the database could not be reached or did not answer
 /// in time, rather than that it refused what we asked: the client gets 503 and
 /// may retry, and a stage backs off and reconnects.

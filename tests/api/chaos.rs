@@ -237,6 +237,68 @@ async fn fault_4_a_database_outage_answers_503_within_5_s_and_recovers_by_itself
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_4_a_stuck_database_never_stores_an_order_whose_client_heard_503() {
+    // Another session locks `orders` for longer than a request may wait. The
+    // orders queued behind the stuck transactions must not commit after
+    // their clients were told 503: a retry without a key would then
+    // duplicate them.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .expect("lock orders");
+
+    let mut requests = Vec::new();
+    for i in 0..12 {
+        let client = Client::new(app.port);
+        let customer = format!("stuck-{i}");
+        requests.push(tokio::spawn(async move {
+            let status = client.post_order(&order_of(&customer)).await.status();
+            (customer, status.as_u16())
+        }));
+    }
+    let waiting = eventually(
+        "the service's inserts to wait on the lock",
+        Duration::from_secs(5),
+        || async {
+            let n = db
+                .count(&format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+                     AND application_name LIKE 'order-pipeline-pool%' AND wait_event_type = 'Lock'",
+                    db.name
+                ))
+                .await;
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    // Held past the requests' 4.5 s deadline, then released.
+    tokio::time::sleep(Duration::from_millis(4800)).await;
+    locker.batch_execute("COMMIT").await.expect("unlock");
+
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.expect("request"));
+    }
+    assert!(
+        answers.iter().all(|(_, s)| *s == 503),
+        "the fault: every request outlived its deadline: {answers:?}"
+    );
+    // Whatever was still on its way to the database has ended by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = db.count("SELECT count(*) FROM orders").await;
+    assert_eq!(
+        stored, 0,
+        "{stored} orders stored although every client heard 503 ({waiting} inserts waited on the lock)"
+    );
+    app.client.wait_ready().await;
+    app.client.place().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_5_unreachable_dependencies_at_start_up_keep_the_process_up_until_they_return() {
     let (db, names) = (TestDb::unborn(), Names::new());
     let spy = Spy::on(&names.exchange).await;
