@@ -15,11 +15,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::AsyncConnection as _;
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt as _;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -118,13 +120,45 @@ fn percent_encode(value: &str) -> String {
     out
 }
 
+/// The runtime that drives every pooled connection's socket. diesel-async
+/// spawns a connection's driver task on the runtime that opened it, and the
+/// pool hands connections to every stage and HTTP worker: opened on a
+/// worker's runtime, a connection would die with that worker (as the HTTP
+/// workers do first at shutdown, under the publisher's last batch).
+fn connection_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pg-connections")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("starting the Postgres connection runtime: {e}"))
+    })
+}
+
 /// The shared pool. Connections are made lazily, so building it never fails
-/// because the database is down; every wait on it is bounded.
+/// because the database is down; every wait on it is bounded. They are opened
+/// on [`connection_runtime`], whoever asks for them.
 pub fn build_pool(database_url: &str, size: usize) -> anyhow::Result<PgPool> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(connection_url(
-        database_url,
-        Purpose::Pool,
-    ));
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    config.custom_setup = Box::new(|url| {
+        let url = url.to_owned();
+        let opened =
+            connection_runtime().spawn(async move { AsyncPgConnection::establish(&url).await });
+        async move {
+            opened.await.unwrap_or_else(|e| {
+                Err(diesel::ConnectionError::BadConnection(format!(
+                    "opening a connection: {e}"
+                )))
+            })
+        }
+        .boxed()
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        connection_url(database_url, Purpose::Pool),
+        config,
+    );
     Pool::builder(manager)
         .max_size(size)
         .runtime(deadpool::Runtime::Tokio1)

@@ -10,4 +10,5 @@ mod delivery;
 mod exactly_once;
 mod hostile_input;
 mod http_api;
+mod pool;
 mod validation;
