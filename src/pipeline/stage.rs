@@ -20,7 +20,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::watch;
@@ -50,15 +50,19 @@ pub trait Stage: Clone + Unpin + 'static {
     ) -> impl Future<Output = anyhow::Result<()>> + 'static;
 }
 
-/// Lets a run say that it got connected, so that the next failure starts the
-/// back-off from the bottom again.
-pub struct Connected(Rc<Cell<bool>>);
+/// Lets a run say that it got connected. The back-off starts from the bottom
+/// again only after a run that then worked for [`HEALTHY_RUN`]: a run that
+/// fails right after connecting, every time, still backs off.
+pub struct Connected(Rc<Cell<Option<Instant>>>);
 
 impl Connected {
     pub fn mark(&self) {
-        self.0.set(true);
+        self.0.set(Some(Instant::now()));
     }
 }
+
+/// How long a connected run must last for its failure to count as a new one.
+pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
 /// Exponential back-off with jitter between restarts.
 #[derive(Debug)]
@@ -122,7 +126,7 @@ pub struct StageActor<S: Stage> {
     backoff: Backoff,
     cancel: CancellationToken,
     done: watch::Sender<bool>,
-    connected: Rc<Cell<bool>>,
+    connected: Rc<Cell<Option<Instant>>>,
     restarting: bool,
 }
 
@@ -133,7 +137,7 @@ impl<S: Stage> StageActor<S> {
             backoff: Backoff::new(),
             cancel,
             done: watch::Sender::new(false),
-            connected: Rc::new(Cell::new(false)),
+            connected: Rc::new(Cell::new(None)),
             restarting: false,
         }
     }
@@ -153,7 +157,11 @@ impl<S: Stage> Actor for StageActor<S> {
             return;
         }
         let delay = if std::mem::take(&mut self.restarting) {
-            if self.connected.replace(false) {
+            if self
+                .connected
+                .take()
+                .is_some_and(|at| at.elapsed() >= HEALTHY_RUN)
+            {
                 self.backoff.reset();
             }
             self.backoff.next_delay()
