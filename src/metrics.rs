@@ -44,6 +44,7 @@ pub struct Metrics {
     pub processor_processed: Counter,
     pub processor_duplicates_dropped: Counter,
     pub processor_dead_lettered: Counter,
+    pub processor_dead_letter_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +73,7 @@ impl Metrics {
             processor_processed: Counter::default(),
             processor_duplicates_dropped: Counter::default(),
             processor_dead_lettered: Counter::default(),
+            processor_dead_letter_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +140,11 @@ impl Metrics {
             "processor_dead_lettered",
             "Deliveries the processor could never handle, sent to its dead-letter queue",
             m.processor_dead_lettered.clone(),
+        );
+        registry.register(
+            "processor_dead_letter_failures",
+            "Poison deliveries the dead-letter queue refused; each goes back to the main queue after a pause",
+            m.processor_dead_letter_failures.clone(),
         );
         Self { registry, ..m }
     }

@@ -22,6 +22,8 @@
 //!   then closes the channel; deliveries prefetched but not started are requeued.
 
 use std::cell::Cell;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -31,7 +33,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -52,6 +54,9 @@ use crate::storage::{self, inbox, orders};
 const BATCH_DEADLINE: Duration = Duration::from_secs(15);
 /// Dead-lettering waits this long for the broker's confirm.
 const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a poison delivery the dead-letter queue refused is held before it
+/// goes back to the main queue (to be tried again).
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 /// An idle processor still reports that it is alive this often.
 const IDLE_BEAT: Duration = Duration::from_secs(5);
 
@@ -128,6 +133,7 @@ impl Processor {
                 .context("opening the dead-letter channel")?,
             queue: settings.processor_dead_letter_queue(),
             declared: Cell::new(false),
+            held_back: Arc::default(),
         };
         dead_letters
             .channel
@@ -285,22 +291,80 @@ impl Processor {
             }
         }
 
+        // A poison delivery the dead-letter queue does not take goes back to
+        // the main queue after a pause, instead of holding back every
+        // delivery behind it (the batch is then acked one by one).
+        let mut held_back = Vec::new();
         for p in parsed.iter().filter(|p| p.outcome.is_err()) {
             let reason = p.outcome.as_ref().err().copied().unwrap_or("unprocessable");
-            dead_letters.send(&p.delivery, reason).await?;
-            metrics.processor_dead_lettered.inc();
-            warn!(
-                reason,
-                message_id = ?p.delivery.properties.message_id().as_ref().map(|m| m.to_string()),
-                dead_letter_queue = %dead_letters.queue,
-                "undeliverable message moved to the dead-letter queue"
-            );
+            let message_id = p
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string());
+            match dead_letters.send(&p.delivery, reason).await {
+                Ok(()) => {
+                    metrics.processor_dead_lettered.inc();
+                    warn!(
+                        reason,
+                        message_id = ?message_id,
+                        dead_letter_queue = %dead_letters.queue,
+                        "undeliverable message moved to the dead-letter queue"
+                    );
+                }
+                Err(e) if !dead_letters.channel.status().connected() => {
+                    return Err(e).context("the dead-letter channel closed");
+                }
+                Err(e) => {
+                    metrics.processor_dead_letter_failures.inc();
+                    dead_letters.declared.set(false);
+                    warn!(
+                        reason,
+                        message_id = ?message_id,
+                        error = %format!("{e:#}"),
+                        retry_in_ms = DEAD_LETTER_RETRY.as_millis() as u64,
+                        "the dead-letter queue refused an undeliverable message; it goes back to the queue"
+                    );
+                    held_back.push(p.delivery.delivery_tag);
+                }
+            }
         }
 
-        channel
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await
-            .context("acking a batch")?;
+        let any_held = !dead_letters.held().is_empty();
+        if held_back.is_empty() && !any_held {
+            channel
+                .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await
+                .context("acking a batch")?;
+            return Ok(());
+        }
+        for p in parsed
+            .iter()
+            .filter(|p| !held_back.contains(&p.delivery.delivery_tag))
+        {
+            channel
+                .basic_ack(p.delivery.delivery_tag, BasicAckOptions { multiple: false })
+                .await
+                .context("acking a delivery")?;
+        }
+        if held_back.is_empty() {
+            return Ok(());
+        }
+        dead_letters.held().extend(held_back.iter().copied());
+        let (channel, held) = (channel.clone(), dead_letters.held_back.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(DEAD_LETTER_RETRY).await;
+            for tag in held_back {
+                // If the channel is gone by then, the broker requeued it anyway.
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                let _ = channel.basic_nack(tag, requeue).await;
+                held.lock().unwrap_or_else(|e| e.into_inner()).remove(&tag);
+            }
+        });
         Ok(())
     }
 }
@@ -327,9 +391,17 @@ struct DeadLetters<'a> {
     channel: Channel,
     queue: String,
     declared: Cell<bool>,
+    /// Delivery tags refused by the dead-letter queue and not yet handed back
+    /// to the main queue: while any is held, acks name single deliveries (a
+    /// multiple ack would take the held ones with it).
+    held_back: Arc<Mutex<HashSet<u64>>>,
 }
 
 impl DeadLetters<'_> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.held_back.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Publishes a copy of `delivery` to the dead-letter queue and waits for the
     /// broker's confirm; the caller acks the original only after that.
     async fn send(&self, delivery: &Delivery, reason: &str) -> anyhow::Result<()> {

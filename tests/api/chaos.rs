@@ -560,17 +560,6 @@ async fn fault_7_returns_among_routed_messages_keep_exactly_the_returned_rows() 
     app.stop().await;
 }
 
-/// Removes a policy even when the test fails.
-struct PolicyGuard(String);
-
-impl Drop for PolicyGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it() {
     let (db, names) = (TestDb::create().await, Names::new());

@@ -168,6 +168,77 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_processor_goes_on()
 }
 
 #[tokio::test]
+async fn a_poison_message_the_dead_letter_queue_refuses_holds_back_nothing_and_is_kept() {
+    let (db, names) = (TestDb::create().await, Names::new());
+    // The dead-letter queue refuses everything (a policy an operator might set).
+    let dlq = names.dead_letter_queue();
+    let policy = format!("refuse-{dlq}");
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &format!("^{}$", dlq.replace('.', "\\.")),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    ])
+    .await;
+    let guard = PolicyGuard(policy.clone());
+    let mut env = base_env(&db.url(), &names);
+    // A small window, so that deliveries held back would stall everything.
+    env.insert("PROCESSOR_PREFETCH".into(), "4".into());
+    let app = TestApp::ready(env).await;
+
+    let poison = BasicProperties::default().with_message_id("poison-kept".into());
+    publish_to_queue(&names.queue, poison, b"not an order event").await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(app.client.place().await);
+    }
+
+    // The fault happened: the dead-letter queue refused the poison message...
+    app.client
+        .metrics_when("a refused dead letter", Duration::from_secs(15), |m| {
+            metric(m, "order_pipeline_processor_dead_letter_failures_total") >= 1.0
+        })
+        .await;
+    // ...and every order behind it is processed all the same, without restarts.
+    for id in &ids {
+        wait_processed(&app.client, id).await;
+    }
+    let m = app.client.metrics().await;
+    assert_eq!(
+        metric(&m, "order_pipeline_stage_restarts_total"),
+        0.0,
+        "the processor kept running: {m}"
+    );
+
+    // Nothing lost: once the dead-letter queue takes messages, it is there.
+    rabbitmqctl(&["clear_policy", &policy]).await;
+    drop(guard);
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let got = eventually(
+        "the poison message in the dead-letter queue",
+        Duration::from_secs(30),
+        || async {
+            ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic_get")
+        },
+    )
+    .await;
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some("poison-kept")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn concurrent_posts_with_one_idempotency_key_create_one_order() {
     let (db, names) = (TestDb::create().await, Names::new());
     let app = TestApp::ready(base_env(&db.url(), &names)).await;

@@ -1171,6 +1171,17 @@ pub async fn wait_outbox_drained(db: &TestDb, timeout: Duration) {
     .await;
 }
 
+/// Removes a broker policy even when the test fails.
+pub struct PolicyGuard(pub String);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
 /// Runs `rabbitmqctl` (the broker's own admin tool) and fails the test if it fails.
 pub async fn rabbitmqctl(args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
