@@ -64,6 +64,12 @@ impl Connected {
 /// How long a connected run must last for its failure to count as a new one.
 pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
+/// True if a run that connected at `connected_at` and failed at `now` worked
+/// long enough for the back-off to start over.
+fn worked_long_enough(connected_at: Option<Instant>, now: Instant) -> bool {
+    connected_at.is_some_and(|at| now.duration_since(at) >= HEALTHY_RUN)
+}
+
 /// Exponential back-off with jitter between restarts.
 #[derive(Debug)]
 pub struct Backoff {
@@ -157,11 +163,7 @@ impl<S: Stage> Actor for StageActor<S> {
             return;
         }
         let delay = if std::mem::take(&mut self.restarting) {
-            if self
-                .connected
-                .take()
-                .is_some_and(|at| at.elapsed() >= HEALTHY_RUN)
-            {
+            if worked_long_enough(self.connected.take(), Instant::now()) {
                 self.backoff.reset();
             }
             self.backoff.next_delay()
@@ -223,6 +225,17 @@ impl<S: Stage> Handler<Drain> for StageActor<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_run_that_worked_for_a_while_resets_the_backoff() {
+        let now = Instant::now() + HEALTHY_RUN * 2;
+        assert!(!worked_long_enough(None, now), "never connected");
+        assert!(
+            !worked_long_enough(Some(now - Duration::from_millis(50)), now),
+            "failed right after connecting"
+        );
+        assert!(worked_long_enough(Some(now - HEALTHY_RUN), now));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {
