@@ -70,6 +70,9 @@ pub struct Tuning {
 /// for a blocked broker it stays below the 120 s idle-in-transaction timeout.
 pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 50_000;
 
+/// Appended to `AMQP_QUEUE` for the processor's dead-letter queue.
+const DEAD_LETTER_SUFFIX: &str = ".dead-letter";
+
 impl Default for Tuning {
     fn default() -> Self {
         Self {
@@ -155,8 +158,14 @@ impl Settings {
         let amqp_exchange = amqp_name(
             "AMQP_EXCHANGE",
             get("AMQP_EXCHANGE", defaults::AMQP_EXCHANGE),
+            255,
         )?;
-        let amqp_queue = amqp_name("AMQP_QUEUE", get("AMQP_QUEUE", defaults::AMQP_QUEUE))?;
+        // Room for the dead-letter queue's suffix within AMQP's 255 bytes.
+        let amqp_queue = amqp_name(
+            "AMQP_QUEUE",
+            get("AMQP_QUEUE", defaults::AMQP_QUEUE),
+            255 - DEAD_LETTER_SUFFIX.len(),
+        )?;
 
         let processor_enabled = match vars.get("PROCESSOR_ENABLED").map(String::as_str) {
             None => true,
@@ -264,7 +273,7 @@ impl Settings {
 
     /// The dead-letter queue of the order processor: poison deliveries go there.
     pub fn processor_dead_letter_queue(&self) -> String {
-        format!("{}.dead-letter", self.amqp_queue)
+        format!("{}{DEAD_LETTER_SUFFIX}", self.amqp_queue)
     }
 }
 
@@ -301,10 +310,11 @@ where
     }
 }
 
-/// Exchange and queue names are AMQP short strings; `amq.` is reserved.
-fn amqp_name(variable: &'static str, value: String) -> Result<String, SettingsError> {
-    if value.is_empty() || value.len() > 255 {
-        return Err(invalid(variable, "must be 1..=255 bytes"));
+/// Exchange and queue names are AMQP short strings (at most `max` bytes
+/// here); `amq.` is reserved.
+fn amqp_name(variable: &'static str, value: String, max: usize) -> Result<String, SettingsError> {
+    if value.is_empty() || value.len() > max {
+        return Err(invalid(variable, format!("must be 1..={max} bytes")));
     }
     if value.starts_with("amq.") {
         return Err(invalid(
@@ -385,6 +395,8 @@ mod tests {
             ("AMQP_URL", "http://x"),
             ("AMQP_EXCHANGE", ""),
             ("AMQP_QUEUE", "amq.reserved"),
+            ("AMQP_QUEUE", &"q".repeat(244)),
+            ("AMQP_EXCHANGE", &"x".repeat(256)),
             ("PROCESSOR_ENABLED", "maybe"),
             ("ADMIN_TOKEN", " "),
             ("LOG_FORMAT", "xml"),
@@ -396,6 +408,9 @@ mod tests {
             assert_eq!(err.variable, name);
             assert!(err.to_string().contains(name), "{err}");
         }
+        let longest = "q".repeat(243);
+        let s = Settings::from_vars(&vars(&[("AMQP_QUEUE", &longest)])).expect("243 bytes fit");
+        assert_eq!(s.processor_dead_letter_queue().len(), 255);
     }
 
     #[test]
