@@ -39,6 +39,21 @@ pub fn order_created_body(event_id: Uuid, order: &Order) -> serde_json::Value {
 }
 
 /// The properties of SPEC §3 for an outbox message.
+/// Why `message` can never be published as it stands, if so: AMQP carries its
+/// routing key, correlation id and type as short strings (at most 255 bytes).
+/// Only a row written by another writer can be like that.
+pub fn unpublishable(message: &OutboxMessage) -> Option<String> {
+    [
+        ("routing_key", &message.routing_key),
+        ("correlation_id", &message.correlation_id),
+        ("event_type", &message.event_type),
+    ]
+    .into_iter()
+    .find(|(_, value)| value.len() > 255)
+    .map(|(field, value)| format!("{field} is {} bytes; AMQP allows at most 255", value.len()))
+}
+
+/// The AMQP properties of `message`; call only if [`unpublishable`] is `None`.
 pub fn properties(message: &OutboxMessage) -> BasicProperties {
     BasicProperties::default()
         .with_message_id(message.id.to_string().into())

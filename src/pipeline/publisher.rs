@@ -160,6 +160,14 @@ enum Confirmed {
     Nack(Option<BasicReturnMessage>),
     /// No answer (timeout, lost channel, blocked too long).
     Unknown(&'static str),
+    /// Never sent: the row cannot be an AMQP message (the reason).
+    Invalid(String),
+}
+
+/// One claimed row on its way out.
+enum Outgoing {
+    Sent(PublisherConfirm, Instant),
+    Invalid(String),
 }
 
 /// What became of one claimed message.
@@ -424,12 +432,16 @@ impl Publisher {
         conn: &Connection,
         channel: &Channel,
         rows: &[OutboxMessage],
-    ) -> (Vec<(PublisherConfirm, Instant)>, Option<String>) {
+    ) -> (Vec<Outgoing>, Option<String>) {
         let settings = &self.shared.settings;
         let exchange: lapin::types::ShortString = settings.amqp_exchange.as_str().into();
         let deadline = Instant::now() + settings.tuning.confirm_timeout;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in rows {
+            if let Some(why) = message::unpublishable(row) {
+                confirms.push(Outgoing::Invalid(why));
+                continue;
+            }
             let body = serde_json::to_vec(&row.payload)
                 .unwrap_or_else(|e| unreachable!("JSON serialises: {e}"));
             let publish = channel.basic_publish(
@@ -444,7 +456,7 @@ impl Publisher {
                 message::properties(row),
             );
             match timeout_at(deadline, publish).await {
-                Ok(Ok(confirm)) => confirms.push((confirm, deadline)),
+                Ok(Ok(confirm)) => confirms.push(Outgoing::Sent(confirm, deadline)),
                 Ok(Err(e)) => return (confirms, Some(format!("publish failed: {e}"))),
                 // A blocked connection stops taking frames; the rows stay for later.
                 Err(_) if conn.status().blocked() => break,
@@ -463,13 +475,18 @@ impl Publisher {
     async fn confirm(
         &self,
         conn: &Connection,
-        confirms: Vec<(PublisherConfirm, Instant)>,
+        confirms: Vec<Outgoing>,
         mut channel_error: Option<String>,
         rows: &[OutboxMessage],
     ) -> (Vec<Sent>, Option<String>) {
         let mut answers = Vec::with_capacity(rows.len());
-        for (confirm, deadline) in confirms {
-            answers.push(await_confirm(conn, confirm, deadline, &self.shared.status).await);
+        for outgoing in confirms {
+            answers.push(match outgoing {
+                Outgoing::Sent(confirm, deadline) => {
+                    await_confirm(conn, confirm, deadline, &self.shared.status).await
+                }
+                Outgoing::Invalid(why) => Confirmed::Invalid(why),
+            });
         }
         let mut returned: HashMap<String, String> = HashMap::new();
         for answer in &answers {
@@ -498,6 +515,10 @@ impl Publisher {
                         error: "nacked by the broker".into(),
                     },
                     (None, Some(Confirmed::Unknown(reason))) => Sent::Unknown { reason },
+                    (None, Some(Confirmed::Invalid(error))) => Sent::Refused {
+                        reason: "invalid",
+                        error: error.clone(),
+                    },
                 },
             )
             .collect();
@@ -539,6 +560,7 @@ impl Publisher {
         let mut acked_ids = Vec::new();
         let mut acked_orders = Vec::new();
         let mut refusals: Vec<(Uuid, String)> = Vec::new();
+        let mut invalid = Vec::new();
         for (row, outcome) in rows.iter().zip(sent) {
             let span = info_span!("outbox_message", outbox.id = %row.id, order.id = %row.order_id, correlation_id = %row.correlation_id);
             let _entered = span.enter();
@@ -548,7 +570,12 @@ impl Publisher {
                     acked_orders.push(row.order_id);
                 }
                 Sent::Refused { reason, error } => {
-                    warn!(reason, error = %error, attempts = row.attempts + 1, "the broker refused the message; it stays in the outbox");
+                    if *reason == "invalid" {
+                        warn!(error = %error, "an outbox row that can never be published; dead-lettered");
+                        invalid.push(row.id);
+                    } else {
+                        warn!(reason, error = %error, attempts = row.attempts + 1, "the broker refused the message; it stays in the outbox");
+                    }
                     s.metrics.publish_failure(reason, 1);
                     refusals.push((row.id, error.clone()));
                 }
@@ -566,8 +593,13 @@ impl Publisher {
             tuning.publish_retry_max,
         )
         .await?;
+        // A row that can never be a message is dead-lettered at once.
+        let mut dead = outbox::dead_letter_exhausted(c, &invalid, 0).await?;
         let refused_ids: Vec<Uuid> = refusals.iter().map(|(id, _)| *id).collect();
-        outbox::dead_letter_exhausted(c, &refused_ids, tuning.publish_max_attempts).await
+        dead.extend(
+            outbox::dead_letter_exhausted(c, &refused_ids, tuning.publish_max_attempts).await?,
+        );
+        Ok(dead)
     }
 
     /// Logs and counts a committed batch.

@@ -561,6 +561,45 @@ async fn fault_7_returns_among_routed_messages_keep_exactly_the_returned_rows() 
 }
 
 #[tokio::test]
+async fn fault_9_a_row_that_can_never_be_a_message_is_dead_lettered_at_once() {
+    // Another writer's row whose routing key AMQP cannot carry (over 255
+    // bytes): it must not stop the publisher, nor wait out the retries.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let spy = Spy::on(&names.exchange).await;
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
+    let long_key = format!("order.{}", "x".repeat(300));
+    let bad = insert_behind_the_service(&db, true, &long_key).await;
+    let good: Vec<String> = [app.client.place().await, app.client.place().await].into();
+
+    spy.wait_for_orders(&good, Duration::from_secs(15)).await;
+    let error = eventually("the row dead-lettered", Duration::from_secs(10), || async {
+        let rows = db
+            .client()
+            .await
+            .query(
+                "SELECT last_error FROM outbox_dead WHERE order_id::text = $1",
+                &[&bad],
+            )
+            .await
+            .ok()?;
+        rows.first().map(|r| r.get::<_, Option<String>>(0))
+    })
+    .await;
+    assert!(
+        error.as_deref().unwrap_or_default().contains("255"),
+        "the reason: {error:?}"
+    );
+    wait_outbox_drained(&db, Duration::from_secs(10)).await;
+    let m = app.client.metrics().await;
+    assert_eq!(
+        metric(&m, "order_pipeline_stage_restarts_total"),
+        0.0,
+        "the publisher kept running: {m}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it() {
     let (db, names) = (TestDb::create().await, Names::new());
     let mut env = base_env(&db.url(), &names);
