@@ -103,7 +103,7 @@ pub async fn record_refusals(
     let (ids, errors): (Vec<Uuid>, Vec<String>) = refusals.iter().cloned().unzip();
     diesel::sql_query(
         "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error, \
-             next_attempt_at = now() + make_interval(secs => \
+             next_attempt_at = clock_timestamp() + make_interval(secs => \
                  least($3 * power(2, least(o.attempts, 40)), $4) / 1000.0) \
          FROM unnest($1::uuid[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
     )
