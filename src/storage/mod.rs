@@ -254,8 +254,8 @@ async fn connect(
 }
 
 /// Advisory lock key held while migrating, so that replicas starting together
-/// do not run the same migration twice.
-const MIGRATION_LOCK_KEY: i64 = 0x6f72_6465_7273; // "orders"
+/// do not run the same migration twice (advisory locks are per database).
+pub const MIGRATION_LOCK_KEY: i64 = 0x6f72_6465_7273; // "orders"
 
 /// Creates the database if needed and runs the pending embedded migrations.
 ///
@@ -279,9 +279,23 @@ pub fn migrate_blocking(database_url: &str) -> anyhow::Result<Vec<String>> {
         <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
             .context("connecting to Postgres to migrate")?;
     use diesel::RunQueryDsl as _;
-    diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
-        .execute(&mut conn)
-        .context("taking the migration lock")?;
+    #[derive(diesel::QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        locked: bool,
+    }
+    let took: Locked = diesel::sql_query(format!(
+        "SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY}) AS locked"
+    ))
+    .get_result(&mut conn)
+    .context("taking the migration lock")?;
+    if !took.locked {
+        // Another instance is migrating: wait for it, and say so.
+        tracing::info!("another process holds the migration lock; waiting for it");
+        diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+            .execute(&mut conn)
+            .context("taking the migration lock")?;
+    }
     let applied = conn
         .run_pending_migrations(MIGRATIONS)
         .map_err(|e| anyhow::anyhow!("running migrations: {e}"))?

@@ -289,3 +289,53 @@ async fn migrate_creates_the_database_and_its_tables_and_is_idempotent() {
         assert!(tables.iter().any(|x| x == t), "{t} missing from {tables:?}");
     }
 }
+
+#[tokio::test]
+async fn migrate_waits_for_another_instances_migration_lock_and_says_so() {
+    let db = TestDb::create().await;
+    let holder = db.client().await;
+    holder
+        .execute(
+            &format!(
+                "SELECT pg_advisory_lock({})",
+                order_pipeline::storage::MIGRATION_LOCK_KEY
+            ),
+            &[],
+        )
+        .await
+        .expect("hold the migration lock");
+    let mut child = tokio::process::Command::new(binary())
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run migrate");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let said = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt as _;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains("migration lock") {
+            let n = stdout.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+    .await
+    .expect("migrate says why it waits");
+    assert!(said.contains("waiting"), "{said}");
+    assert!(child.try_wait().expect("status").is_none(), "it waits");
+
+    drop(holder); // the lock ends with its session
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("migrate finishes once the lock is free")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+}
