@@ -96,6 +96,9 @@ pub enum BrokerState {
     Down,
     /// Connected, but the broker is refusing publishes (`connection.blocked`).
     Blocked,
+    /// Reachable, but it refuses the exchange or queue as configured (a
+    /// `PRECONDITION_FAILED` on declare, e.g. an exchange of another type).
+    Misconfigured,
 }
 
 pub struct StatusBoard {

@@ -37,7 +37,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .map(|(name, stage)| (name, stage.get()))
         .collect();
     let ready = database == "up"
-        && broker != BrokerState::Down
+        && matches!(broker, BrokerState::Up | BrokerState::Blocked)
         && stages.iter().all(|(_, s)| s.is_healthy());
 
     let mut body = json!({"database": database, "broker": broker});

@@ -130,7 +130,7 @@ fn build() -> Value {
                 }}}},
                 "Readiness": {"type": "object", "required": ["database", "broker"], "properties": {
                     "database": {"type": "string", "enum": ["up", "down", "migrating"]},
-                    "broker": {"type": "string", "enum": ["up", "down", "blocked"]},
+                    "broker": {"type": "string", "enum": ["up", "down", "blocked", "misconfigured"]},
                     "publisher": {"type": "string"}, "watcher": {"type": "string"}, "processor": {"type": "string"}
                 }},
                 "OutboxSummary": {"type": "object", "required": ["pending", "dead"], "properties": {

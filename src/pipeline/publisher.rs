@@ -204,7 +204,14 @@ impl Publisher {
         connected: &Connected,
     ) -> anyhow::Result<()> {
         let s = &self.shared;
-        topology::declare(conn, &s.settings.amqp_exchange, &s.settings.amqp_queue).await?;
+        if let Err(e) =
+            topology::declare(conn, &s.settings.amqp_exchange, &s.settings.amqp_queue).await
+        {
+            if conn.status().connected() {
+                s.status.set_broker(BrokerState::Misconfigured);
+            }
+            return Err(e);
+        }
         let channel = conn
             .create_channel()
             .await

@@ -339,3 +339,33 @@ async fn migrate_waits_for_another_instances_migration_lock_and_says_so() {
         .expect("status");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn readiness_tells_a_broker_that_refuses_the_topology_from_one_that_is_down() {
+    // The exchange exists with another type: declaring ours fails with
+    // PRECONDITION_FAILED although the broker is reachable.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        names.exchange.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("a fanout exchange of the same name");
+    let app = TestApp::spawn(base_env(&db.url(), &names)).await;
+    let (status, ready) = app
+        .client
+        .ready_when("the broker misconfigured", Duration::from_secs(20), |r| {
+            r["broker"] == "misconfigured"
+        })
+        .await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["database"], "up", "{ready}");
+    app.stop().await;
+}
