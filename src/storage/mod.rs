@@ -232,6 +232,9 @@ pub async fn ensure_database(database_url: &str) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(()),
+        // Two instances creating it at the same moment: the loser trips the
+        // catalog's unique index instead of getting 42P04.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Ok(()),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             let user = config.get_user().unwrap_or("(default)");
             bail!(

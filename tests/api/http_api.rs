@@ -369,3 +369,27 @@ async fn readiness_tells_a_broker_that_refuses_the_topology_from_one_that_is_dow
     assert_eq!(ready["database"], "up", "{ready}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn replicas_migrating_a_missing_database_at_once_all_succeed() {
+    let db = TestDb::unborn();
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::process::Command::new(binary())
+                .arg("migrate")
+                .env_clear()
+                .env("DATABASE_URL", db.url())
+                .output()
+        })
+        .collect();
+    for out in futures_util::future::join_all(runs).await {
+        let out = out.expect("run migrate");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(db.count("SELECT count(*) FROM outbox").await, 0);
+}
