@@ -237,11 +237,17 @@ impl Handler<PersistOrder> for PersistActor {
 
 /// Commits a batch and answers every caller; true if any order was created.
 async fn commit(pool: PgPool, metrics: Arc<Metrics>, batch: Vec<Pending>) -> bool {
-    let outcomes = match transaction(&pool, &batch).await {
+    // Every transaction for this batch, the splits included, is over before
+    // the first caller's answer is due: the callers are answered together,
+    // after the last of them, and each must hear what really happened.
+    let earliest = batch.iter().map(|p| p.answer_by).min();
+    let until = earliest.map_or(Instant::now(), |t| t - ANSWER_MARGIN);
+    let until = until.min(Instant::now() + TRANSACTION_TIMEOUT);
+    let outcomes = match transaction(&pool, &batch, until).await {
         Ok(outcomes) => outcomes,
         Err(PersistError::Failed(why)) if batch.len() > 1 => {
             debug!(batch = batch.len(), error = %why, "batch failed; splitting it to find the failing orders");
-            commit_apart(&pool, &batch).await
+            commit_apart(&pool, &batch, until).await
         }
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };
@@ -277,7 +283,11 @@ fn classify(e: &DieselError) -> PersistError {
 /// every caller gets its own answer: one bad order among n costs about
 /// 2·log2(n) transactions, not n. Callers that gave up meanwhile are skipped,
 /// so nothing is stored after its client was told it was not.
-async fn commit_apart(pool: &PgPool, batch: &[Pending]) -> Vec<Result<Persisted, PersistError>> {
+async fn commit_apart(
+    pool: &PgPool,
+    batch: &[Pending],
+    until: Instant,
+) -> Vec<Result<Persisted, PersistError>> {
     let mut outcomes: Vec<Option<Result<Persisted, PersistError>>> =
         std::iter::repeat_with(|| None).take(batch.len()).collect();
     let mid = batch.len() / 2;
@@ -292,7 +302,7 @@ async fn commit_apart(pool: &PgPool, batch: &[Pending]) -> Vec<Result<Persisted,
             );
             continue;
         }
-        match transaction(pool, &batch[lo..hi]).await {
+        match transaction(pool, &batch[lo..hi], until).await {
             Ok(part) => {
                 for (slot, outcome) in outcomes[lo..hi].iter_mut().zip(part) {
                     *slot = Some(outcome);
@@ -316,16 +326,13 @@ async fn commit_apart(pool: &PgPool, batch: &[Pending]) -> Vec<Result<Persisted,
 }
 
 /// One transaction for the whole batch: the orders, their outbox rows, one
-/// NOTIFY. The outcomes come in the order of `batch`.
+/// NOTIFY; over (committed or abandoned) by `until`. The outcomes come in the
+/// order of `batch`.
 async fn transaction(
     pool: &PgPool,
     batch: &[Pending],
+    until: Instant,
 ) -> Result<Vec<Result<Persisted, PersistError>>, PersistError> {
-    // Over before the first caller's answer is due, so that caller hears
-    // what happened rather than "not stored in time" while it commits.
-    let earliest = batch.iter().map(|p| p.answer_by).min();
-    let until = earliest.map_or(Instant::now(), |t| t - ANSWER_MARGIN);
-    let until = until.min(Instant::now() + TRANSACTION_TIMEOUT);
     let timed_out =
         || PersistError::Unavailable("no answer from the database in time; retry".to_string());
     let mut conn = match timeout_at(until, pool.get()).await {
