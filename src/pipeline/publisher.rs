@@ -168,6 +168,8 @@ enum Confirmed {
 enum Outgoing {
     Sent(PublisherConfirm, Instant),
     Invalid(String),
+    /// Its publish was given up on half-way: it may reach the broker yet.
+    Orphaned,
 }
 
 /// What became of one claimed message.
@@ -268,7 +270,7 @@ impl Publisher {
                     continue;
                 }
                 if !conn.status().blocked() {
-                    in_flight.push(self.publish_batch(conn, channel, &untrusted));
+                    in_flight.push(self.publish_batch(conn, channel, &untrusted, cancel));
                     continue;
                 }
             }
@@ -304,6 +306,13 @@ impl Publisher {
                         });
                     }
                     drained |= (outcome.claimed as i64) < batch_size;
+                }
+                Err(e) if untrusted.load(Ordering::Acquire) => {
+                    // Its record failed too, but the channel is what must go.
+                    warn!(error = %format!("{e:#}"), "outbox batch failed on a channel that lost track of a confirm");
+                    failure.get_or_insert_with(|| {
+                        anyhow::anyhow!("the publish channel lost track of a confirm")
+                    });
                 }
                 Err(e) => {
                     // Not a broker problem, so no restart; but not healthy either.
@@ -376,6 +385,7 @@ impl Publisher {
         conn: &Connection,
         channel: &Channel,
         untrusted: &AtomicBool,
+        cancel: &CancellationToken,
     ) -> anyhow::Result<BatchOutcome> {
         let s = &self.shared;
         let tuning = &s.settings.tuning;
@@ -384,8 +394,14 @@ impl Publisher {
         // Waited for before the transaction begins, so a waiting batch holds
         // no database connection.
         let mut turn = Some(self.send_turn.lock().await);
-        if untrusted.load(Ordering::Acquire) {
-            return Ok(BatchOutcome::default());
+        if untrusted.load(Ordering::Acquire) || cancel.is_cancelled() {
+            // The run restarts on a new channel (or is stopping): claim nothing.
+            return Ok(BatchOutcome {
+                claimed: 0,
+                channel_error: untrusted
+                    .load(Ordering::Acquire)
+                    .then(|| "an earlier batch lost track of a confirm".into()),
+            });
         }
         let mut db = s
             .pool
@@ -465,10 +481,17 @@ impl Publisher {
             match timeout_at(deadline, publish).await {
                 Ok(Ok(confirm)) => confirms.push(Outgoing::Sent(confirm, deadline)),
                 Ok(Err(e)) => return (confirms, Some(format!("publish failed: {e}"))),
-                // A blocked connection stops taking frames; the rows stay for later.
-                Err(_) if conn.status().blocked() => break,
+                // The publish given up on may still go out, with a confirm
+                // nobody awaits that could take one of this batch's returns:
+                // the unsent rows stay for later, nothing of this batch counts
+                // as published, and the channel is replaced.
                 Err(_) => {
-                    let error = "a publish was not accepted before the confirm deadline";
+                    confirms.push(Outgoing::Orphaned);
+                    let error = if conn.status().blocked() {
+                        "the broker blocked the connection during a publish"
+                    } else {
+                        "a publish was not accepted before the confirm deadline"
+                    };
                     return (confirms, Some(error.into()));
                 }
             }
@@ -487,12 +510,17 @@ impl Publisher {
         rows: &[OutboxMessage],
     ) -> (Vec<Sent>, Option<String>) {
         let mut answers = Vec::with_capacity(rows.len());
+        let mut ambiguous = false;
         for outgoing in confirms {
             answers.push(match outgoing {
                 Outgoing::Sent(confirm, deadline) => {
                     await_confirm(conn, confirm, deadline, &self.shared.status).await
                 }
                 Outgoing::Invalid(why) => Confirmed::Invalid(why),
+                Outgoing::Orphaned => {
+                    ambiguous = true;
+                    Confirmed::Unknown("not_sent")
+                }
             });
         }
         let mut returned: HashMap<String, String> = HashMap::new();
@@ -529,9 +557,10 @@ impl Publisher {
                 },
             )
             .collect();
-        if !returned.is_empty() {
-            // A return for no message of this batch: attribution cannot be
-            // trusted, so nothing of it counts as published (re-sent later).
+        if !returned.is_empty() || ambiguous {
+            // A return for no message of this batch, or a publish whose
+            // confirm nobody awaits: attribution cannot be trusted, so
+            // nothing of it counts as published (re-sent later).
             for s in sent.iter_mut().filter(|s| matches!(s, Sent::Acked)) {
                 *s = Sent::Unknown {
                     reason: "ambiguous",
@@ -634,7 +663,7 @@ impl Publisher {
             }
         }
         for id in dead {
-            warn!(outbox.id = %id, max_attempts = s.settings.tuning.publish_max_attempts, "message dead-lettered after too many refusals");
+            warn!(outbox.id = %id, max_attempts = s.settings.tuning.publish_max_attempts, "message moved to outbox_dead (refused too often, or never publishable)");
         }
         s.metrics.messages_published.inc_by(published);
         s.metrics.messages_dead_lettered.inc_by(dead.len() as u64);
