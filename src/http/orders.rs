@@ -335,7 +335,10 @@ pub fn parse_order(body: &[u8]) -> Result<NewOrder, OrdersError> {
             require_object(item, &format!("items[{i}]"))?;
         }
     }
-    let request: OrderRequest = serde_path_to_error::deserialize(&value)
+    // Typed from the bytes, not from `value`: a map keeps only the last of
+    // duplicated keys, the typed parse refuses them ("duplicate field").
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let request: OrderRequest = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| shape_error((e.path().to_string(), e.into_inner().to_string())))?;
     Ok(NewOrder::try_from(request)?)
 }

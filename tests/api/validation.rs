@@ -35,6 +35,8 @@ async fn every_bad_body_is_refused_with_a_json_error_and_nothing_is_stored() {
         ("missing customer_id", json!({"currency": "EUR", "items": [ok_item]}).to_string(), 422, "validation_failed", "customer_id"),
         ("missing items", json!({"customer_id": "c", "currency": "EUR"}).to_string(), 422, "validation_failed", "items"),
         ("unknown field", json!({"customer_id": "c", "currency": "EUR", "items": [ok_item], "coupon": "X"}).to_string(), 422, "validation_failed", "coupon"),
+        ("a duplicated field", r#"{"customer_id":"a","customer_id":"b","currency":"EUR","items":[{"sku":"a","quantity":1,"unit_price_cents":1}]}"#.into(), 422, "validation_failed", "customer_id"),
+        ("a duplicated item field", r#"{"customer_id":"a","currency":"EUR","items":[{"sku":"a","quantity":1,"quantity":2,"unit_price_cents":1}]}"#.into(), 422, "validation_failed", "quantity"),
         ("unknown item field", with_item(json!({"sku": "a", "quantity": 1, "unit_price_cents": 1, "colour": "red"})).to_string(), 422, "validation_failed", "colour"),
         ("empty customer_id", json!({"customer_id": "", "currency": "EUR", "items": [ok_item]}).to_string(), 422, "validation_failed", "customer_id"),
         ("customer_id of 129 chars", json!({"customer_id": "x".repeat(129), "currency": "EUR", "items": [ok_item]}).to_string(), 422, "validation_failed", "customer_id"),
