@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings.log_filter, settings.log_format);
+    telemetry::log_panics();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => migrate(&settings),
         Command::Serve => serve(settings),

@@ -38,3 +38,20 @@ pub fn init(filter: &str, format: LogFormat) {
             .try_init(),
     };
 }
+
+/// Panics are logged as one ERROR event (in the chosen format, so a JSON log
+/// stays JSON) instead of plain text on stderr. A stage's panic is then
+/// turned into a restart by its supervisor; `RUST_BACKTRACE` adds the trace.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(thread, backtrace = %backtrace, "panic: {info}");
+            }
+            _ => tracing::error!(thread, "panic: {info}"),
+        }
+    }));
+}
