@@ -120,3 +120,77 @@ async fn one_failing_order_does_not_fail_the_orders_committed_with_it() {
     spy.wait_for_orders(&created, Duration::from_secs(15)).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_batch_answers_every_caller_with_what_really_happened() {
+    // A batch that fails is split; its parts commit one after another and
+    // the callers hear together. A slow part must not push the answers past
+    // an earlier caller's deadline while that caller's part has committed:
+    // the caller would hear 503 for an order that is stored.
+    let (db, names) = (TestDb::create().await, Names::new());
+    let app = TestApp::ready(base_env(&db.url(), &names)).await;
+    db.execute(
+        "CREATE FUNCTION pace() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.customer_id = 'doomed' THEN RAISE EXCEPTION 'injected failure'; \
+           ELSIF NEW.customer_id = 'slow' THEN PERFORM pg_sleep(1.5); \
+           ELSIF NEW.customer_id = 'slower' THEN PERFORM pg_sleep(3.5); END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER pace BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION pace();",
+    )
+    .await;
+    let post = |customer: &'static str| {
+        let client = Client::new(app.port);
+        tokio::spawn(async move {
+            let r = client.post_order(&order_of(customer)).await;
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.expect("json");
+            (customer, status, body)
+        })
+    };
+    // Four slow orders hold every persist transaction for 1.5 s...
+    let mut requests: Vec<_> = (0..4).map(|_| post("slow")).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...while these queue into one batch, a second apart: split, the part
+    // [early, doomed] goes first and commits `early`; the part [slower, late]
+    // then runs past early's deadline unless the batch's earliest deadline
+    // bounds it.
+    for customer in ["early", "doomed"] {
+        requests.push(post(customer));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for customer in ["slower", "late"] {
+        requests.push(post(customer));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.expect("request"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (customer, status, body) in &answers {
+        let stored = db
+            .count(&format!(
+                "SELECT count(*) FROM orders WHERE customer_id = '{customer}'"
+            ))
+            .await;
+        match status {
+            201 => assert!(stored >= 1, "{customer}: 201 but not stored"),
+            _ if *customer == "slow" => {}
+            _ => assert!(
+                *customer == "doomed" || body["error"]["code"] == "unavailable",
+                "{customer}: {status} {body}"
+            ),
+        }
+        if *status != 201 && *customer != "slow" {
+            assert_eq!(stored, 0, "{customer}: answered {status} {body} but stored");
+        }
+    }
+    let early = answers.iter().find(|(c, ..)| *c == "early").expect("early");
+    assert_eq!(
+        early.1, 201,
+        "the early order's part committed: {answers:?}"
+    );
+    app.stop().await;
+}
