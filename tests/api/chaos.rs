@@ -97,14 +97,10 @@ async fn fault_2_sigterm_under_load_exits_0_within_10_s_with_confirms_awaited() 
     let published: std::collections::HashSet<String> =
         spy.messages().iter().map(Seen::message_id).collect();
     let still_pending: Vec<String> = db
-        .client()
+        .texts("SELECT id::text FROM outbox")
         .await
-        .query("SELECT id::text FROM outbox", &[])
-        .await
-        .expect("outbox")
-        .iter()
-        .map(|r| r.get(0))
-        .filter(|id: &String| published.contains(id))
+        .into_iter()
+        .filter(|id| published.contains(id))
         .collect();
     assert!(
         still_pending.is_empty(),
@@ -437,12 +433,8 @@ async fn assert_refused_and_kept(
 
 /// ...and once the broker takes it, it is published and processed.
 async fn assert_published_in_the_end(app: &TestApp, db: &TestDb, id: &str) {
-    eventually(
-        "the order to be processed once the broker takes it",
-        Duration::from_secs(20),
-        || async { (app.client.status_of(id).await.as_deref() == Some("processed")).then_some(()) },
-    )
-    .await;
+    // Processed once the broker takes it.
+    app.client.wait_processed(id, Duration::from_secs(20)).await;
     wait_outbox_drained(db, Duration::from_secs(10)).await;
 }
 
@@ -494,24 +486,12 @@ async fn fault_7_returns_among_routed_messages_keep_exactly_the_returned_rows() 
     insert_backlog(&db, 3000).await;
     db.execute("UPDATE outbox SET routing_key = 'nowhere.created' WHERE seq % 7 = 0")
         .await;
-    let rows = |sql: &str| {
-        let sql = sql.to_owned();
-        let db = &db;
-        async move {
-            db.client()
-                .await
-                .query(&sql, &[])
-                .await
-                .expect("query")
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<String>>()
-        }
-    };
-    let returned =
-        rows("SELECT order_id::text FROM outbox WHERE routing_key = 'nowhere.created'").await;
-    let routed =
-        rows("SELECT order_id::text FROM outbox WHERE routing_key = 'order.created'").await;
+    let returned = db
+        .texts("SELECT order_id::text FROM outbox WHERE routing_key = 'nowhere.created'")
+        .await;
+    let routed = db
+        .texts("SELECT order_id::text FROM outbox WHERE routing_key = 'order.created'")
+        .await;
     let mut env = base_env(&db.url(), &names);
     env.insert("PROCESSOR_ENABLED".into(), "false".into());
     env.insert("PUBLISH_MAX_ATTEMPTS".into(), "1000".into());
@@ -534,7 +514,7 @@ async fn fault_7_returns_among_routed_messages_keep_exactly_the_returned_rows() 
     .await;
     // ...and none of them was taken for published: still in the outbox, still
     // `accepted`, never seen.
-    let kept = rows("SELECT order_id::text FROM outbox").await;
+    let kept = db.texts("SELECT order_id::text FROM outbox").await;
     let kept: std::collections::HashSet<&String> = kept.iter().collect();
     let lost: Vec<&String> = returned
         .iter()
@@ -607,26 +587,13 @@ async fn fault_8_a_nacked_message_stays_in_the_outbox_until_the_broker_takes_it(
     // Retries stay frequent however long the broker admin tools take.
     env.insert("PUBLISH_RETRY_MAX_MS".into(), "1000".into());
     let app = TestApp::ready(env).await;
-    let policy = format!("reject-{}", names.queue);
-    let definition = r#"{"max-length":0,"overflow":"reject-publish"}"#;
-    let pattern = format!("^{}$", names.queue);
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &pattern,
-        definition,
-    ])
-    .await;
-    let guard = PolicyGuard(policy.clone());
+    let refusing = RefusingQueue::on(&names.queue).await;
 
     let id = app.client.place().await;
 
     assert_refused_and_kept(&app, &db, &id, "nacked", "nack").await;
 
-    rabbitmqctl(&["clear_policy", &policy]).await;
-    drop(guard);
+    refusing.lift().await;
     assert_published_in_the_end(&app, &db, &id).await;
     app.stop().await;
 }
@@ -826,14 +793,10 @@ async fn fault_11c_a_publisher_that_loops_on_an_error_is_reported_and_recovers()
         || async { (spy.messages().len() >= 2).then_some(()) },
     )
     .await;
-    eventually(
-        "the order to be processed despite the copies",
-        Duration::from_secs(10),
-        || async {
-            (app.client.status_of(&id).await.as_deref() == Some("processed")).then_some(())
-        },
-    )
-    .await;
+    // Processed despite the copies.
+    app.client
+        .wait_processed(&id, Duration::from_secs(10))
+        .await;
 
     db.execute("DROP TRIGGER refuse_delete ON outbox").await;
     app.client.wait_ready().await;

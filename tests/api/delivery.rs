@@ -46,10 +46,7 @@ async fn a_backlog_left_while_the_broker_was_unreachable_is_published_on_start_o
         positions.windows(2).all(|w| w[0] < w[1]),
         "replayed oldest first: {positions:?}"
     );
-    eventually("the outbox to drain", Duration::from_secs(10), || async {
-        (db.count("SELECT count(*) FROM outbox").await == 0).then_some(())
-    })
-    .await;
+    wait_outbox_drained(&db, Duration::from_secs(10)).await;
     app.stop().await;
 }
 

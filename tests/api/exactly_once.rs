@@ -12,12 +12,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 async fn wait_processed(client: &Client, id: &str) {
-    eventually(
-        &format!("order {id} to be processed"),
-        Duration::from_secs(15),
-        || async { (client.status_of(id).await.as_deref() == Some("processed")).then_some(()) },
-    )
-    .await;
+    client.wait_processed(id, Duration::from_secs(15)).await;
 }
 
 /// Publishes straight to a queue through the default exchange, with confirms.
@@ -172,17 +167,7 @@ async fn a_poison_message_the_dead_letter_queue_refuses_holds_back_nothing_and_i
     let (db, names) = (TestDb::create().await, Names::new());
     // The dead-letter queue refuses everything (a policy an operator might set).
     let dlq = names.dead_letter_queue();
-    let policy = format!("refuse-{dlq}");
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &format!("^{}$", dlq.replace('.', "\\.")),
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-    ])
-    .await;
-    let guard = PolicyGuard(policy.clone());
+    let refusing = RefusingQueue::on(&dlq).await;
     let mut env = base_env(&db.url(), &names);
     // A small window, so that deliveries held back would stall everything.
     env.insert("PROCESSOR_PREFETCH".into(), "4".into());
@@ -213,8 +198,7 @@ async fn a_poison_message_the_dead_letter_queue_refuses_holds_back_nothing_and_i
     );
 
     // Nothing lost: once the dead-letter queue takes messages, it is there.
-    rabbitmqctl(&["clear_policy", &policy]).await;
-    drop(guard);
+    refusing.lift().await;
     let conn = amqp().await;
     let ch = conn.create_channel().await.expect("channel");
     let got = eventually(

@@ -139,6 +139,12 @@ impl TestDb {
         );
     }
 
+    /// The first column of every row `sql` returns, as text.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let rows = self.client().await.query(sql, &[]).await.expect(sql);
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
     /// Several counts read by ONE statement, so they come from one snapshot.
     pub async fn counts(&self, sql: &str) -> Vec<i64> {
         let row = self.client().await.query_one(sql, &[]).await.expect(sql);
@@ -585,6 +591,18 @@ impl Client {
             .ok()?;
         let v: Value = r.json().await.ok()?;
         v["status"].as_str().map(str::to_owned)
+    }
+
+    /// Waits until the order reads `processed`.
+    pub async fn wait_processed(&self, order_id: &str, timeout: Duration) {
+        eventually(
+            &format!("order {order_id} to be processed"),
+            timeout,
+            || async {
+                (self.status_of(order_id).await.as_deref() == Some("processed")).then_some(())
+            },
+        )
+        .await;
     }
 
     pub async fn ready(&self) -> Option<(u16, Value)> {
@@ -1171,14 +1189,44 @@ pub async fn wait_outbox_drained(db: &TestDb, timeout: Duration) {
     .await;
 }
 
-/// Removes a broker policy even when the test fails.
-pub struct PolicyGuard(pub String);
+/// A broker policy under which `queue` refuses every publish (`max-length`
+/// 0, `reject-publish`): the broker nacks what is routed to it. Lifted by
+/// [`RefusingQueue::lift`], or on drop when the test fails.
+pub struct RefusingQueue {
+    policy: Option<String>,
+}
 
-impl Drop for PolicyGuard {
+impl RefusingQueue {
+    pub async fn on(queue: &str) -> Self {
+        let policy = format!("refuse-{queue}");
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &policy,
+            &format!("^{}$", queue.replace('.', "\\.")),
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        ])
+        .await;
+        Self {
+            policy: Some(policy),
+        }
+    }
+
+    pub async fn lift(mut self) {
+        if let Some(policy) = self.policy.take() {
+            rabbitmqctl(&["clear_policy", &policy]).await;
+        }
+    }
+}
+
+impl Drop for RefusingQueue {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
+        if let Some(policy) = self.policy.take() {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["clear_policy", &policy])
+                .output();
+        }
     }
 }
 

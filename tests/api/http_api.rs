@@ -64,10 +64,7 @@ async fn an_order_placed_over_http_arrives_on_the_queue_with_the_spec_shape() {
     );
 
     // Assert: the outbox drained and the stored order moved forward
-    eventually("the outbox to drain", Duration::from_secs(10), || async {
-        (db.count("SELECT count(*) FROM outbox").await == 0).then_some(())
-    })
-    .await;
+    wait_outbox_drained(&db, Duration::from_secs(10)).await;
     let stored: Value = app.client.get(&location).await.json().await.expect("json");
     assert_eq!(stored["id"], id.as_str());
     assert!(["published", "processed"].contains(&stored["status"].as_str().expect("status")));
@@ -151,12 +148,7 @@ async fn health_metrics_and_openapi_describe_the_service() {
     let app = TestApp::ready(base_env(&db.url(), &names)).await;
     let c = &app.client;
     let id = c.place().await;
-    eventually(
-        "the order to be processed",
-        Duration::from_secs(10),
-        || async { (c.status_of(&id).await.as_deref() == Some("processed")).then_some(()) },
-    )
-    .await;
+    c.wait_processed(&id, Duration::from_secs(10)).await;
 
     assert_eq!(c.get("/health/live").await.status(), 200);
     let (status, ready) = c
