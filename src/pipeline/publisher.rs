@@ -394,12 +394,12 @@ impl Publisher {
         // Waited for before the transaction begins, so a waiting batch holds
         // no database connection.
         let mut turn = Some(self.send_turn.lock().await);
-        if untrusted.load(Ordering::Acquire) || cancel.is_cancelled() {
+        let lost_track = untrusted.load(Ordering::Acquire);
+        if lost_track || cancel.is_cancelled() {
             // The run restarts on a new channel (or is stopping): claim nothing.
             return Ok(BatchOutcome {
                 claimed: 0,
-                channel_error: untrusted
-                    .load(Ordering::Acquire)
+                channel_error: lost_track
                     .then(|| "an earlier batch lost track of a confirm".into()),
             });
         }
@@ -631,7 +631,11 @@ impl Publisher {
         .await?;
         // A row that can never be a message is dead-lettered at once.
         let mut dead = outbox::dead_letter_exhausted(c, &invalid, 0).await?;
-        let refused_ids: Vec<Uuid> = refusals.iter().map(|(id, _)| *id).collect();
+        let refused_ids: Vec<Uuid> = refusals
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !invalid.contains(id))
+            .collect();
         dead.extend(
             outbox::dead_letter_exhausted(c, &refused_ids, tuning.publish_max_attempts).await?,
         );
